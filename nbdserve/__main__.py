@@ -1,0 +1,9 @@
+"""``python -m nbdserve``."""
+
+from __future__ import annotations
+
+import sys
+
+from nbdserve.cli import main
+
+sys.exit(main())

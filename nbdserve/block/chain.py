@@ -1,0 +1,162 @@
+"""Open an image and its backing chain (architecture 2.4).
+
+An image file is untrusted input: the backing reference inside it may name
+any path.  So backing files must resolve (symlinks included) inside the
+directories the export allows, the chain has a depth limit, and cycles are
+detected by (st_dev, st_ino).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from nbdserve.block import formats
+from nbdserve.block.file import FileBackend
+from nbdserve.errors import BackingChainError, ImageError, UnknownFormatError
+
+if TYPE_CHECKING:
+    from nbdserve.block.base import FormatDriver
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_MAX_DEPTH = 16
+
+
+@dataclass(frozen=True, slots=True)
+class ChainOptions:
+    fmt: str | None = None
+    read_only: bool = False
+    max_depth: int = DEFAULT_MAX_DEPTH
+    # None: the top image's own directory tree
+    backing_dirs: Sequence[str] | None = None
+    probe_raw: bool = True
+    follow_backing: bool = True
+    settings: dict[str, object] = field(default_factory=dict)
+    # settings for backing layers (read-only; e.g. a parallels base)
+    backing_settings: dict[str, object] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class Chain:
+    """An open chain; ``aclose`` closes the top first, then its backings."""
+
+    top: FormatDriver
+    layers: list[FormatDriver]
+    stack: contextlib.AsyncExitStack
+
+    async def aclose(self) -> None:
+        await self.stack.aclose()
+
+
+async def open_chain(path: str, options: ChainOptions) -> Chain:
+    """Open ``path`` and every backing layer below it, read-only below the top."""
+    stack = contextlib.AsyncExitStack()
+    layers: list[FormatDriver] = []
+    try:
+        allowed = _allowed_dirs(path, options.backing_dirs)
+        seen: set[tuple[int, int]] = set()
+        fmt = options.fmt
+        cur_path = path
+        read_only = options.read_only
+        settings = options.settings
+        while True:
+            if len(layers) > options.max_depth:
+                raise BackingChainError(
+                    f"backing chain of {path} is deeper than {options.max_depth}"
+                )
+            driver = await _open_layer(cur_path, fmt, read_only, options.probe_raw, settings, seen)
+            layers.append(driver)
+            if layers[:-1]:
+                layers[-2].set_backing(driver)
+            ref = driver.backing_reference if options.follow_backing else None
+            if ref is None:
+                break
+            ref_path, ref_fmt = ref
+            cur_path = resolve_backing_path(cur_path, ref_path, allowed)
+            fmt = ref_fmt
+            read_only = True
+            settings = options.backing_settings
+        stack.push_async_callback(_close_layers, list(layers))
+        return Chain(layers[0], layers, stack)
+    except BaseException:
+        await _close_layers(layers)
+        raise
+
+
+async def _close_layers(layers: list[FormatDriver]) -> None:
+    """Close top first, then each backing; every layer is closed even if one fails."""
+    first: BaseException | None = None
+    for layer in layers:
+        try:
+            await layer.aclose()
+        except Exception as exc:  # keep closing the rest, then re-raise
+            first = first or exc
+    if first is not None:
+        raise first
+
+
+async def _open_layer(
+    path: str,
+    fmt: str | None,
+    read_only: bool,
+    probe_raw: bool,
+    settings: dict[str, object],
+    seen: set[tuple[int, int]],
+) -> FormatDriver:
+    file = FileBackend.open(path, read_only=read_only)
+    try:
+        st = os.fstat(file.fd)
+        key = (st.st_dev, st.st_ino)
+        if key in seen:
+            raise BackingChainError(f"backing chain loops back to {path}")
+        seen.add(key)
+        if fmt is None:
+            header = bytes(await file.pread(0, formats.PROBE_SIZE))
+            fmt = formats.probe(header, allow_raw=probe_raw)
+        module = formats.load(fmt)
+        driver = await module.open_image(file, formats.OpenOptions(read_only, settings))
+        LOGGER.debug("opened %s as %s (read_only=%s)", path, fmt, read_only)
+        return driver
+    except UnknownFormatError as exc:
+        await file.aclose()
+        raise UnknownFormatError(f"{path}: {exc}") from None
+    except ImageError as exc:
+        await file.aclose()
+        if str(exc).startswith(path):
+            raise
+        raise type(exc)(f"{path}: {exc}") from exc
+    except BaseException:
+        await file.aclose()
+        raise
+
+
+def _allowed_dirs(top_path: str, backing_dirs: Sequence[str] | None) -> list[str]:
+    if backing_dirs is None:
+        return [os.path.dirname(os.path.realpath(top_path))]
+    return [os.path.realpath(d) for d in backing_dirs]
+
+
+def resolve_backing_path(overlay_path: str, ref: str, allowed: Sequence[str]) -> str:
+    """Resolve a backing reference as QEMU does, then confine it.
+
+    Relative references are relative to the overlay's directory.  The result,
+    with symlinks resolved, must lie inside one of ``allowed``.
+    """
+    if "://" in ref or ref.startswith(("nbd:", "json:")):
+        raise BackingChainError(f"backing file {ref!r} is not a local path")
+    base_dir = os.path.dirname(os.path.abspath(overlay_path))
+    candidate = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
+    real = os.path.realpath(candidate)
+    if not any(real == d or real.startswith(d.rstrip("/") + "/") for d in allowed):
+        raise BackingChainError(
+            f"backing file {ref!r} of {overlay_path} resolves to {real}, outside the "
+            f"allowed directories ({', '.join(allowed)})"
+        )
+    if not os.path.exists(real):
+        raise BackingChainError(f"backing file {ref!r} of {overlay_path} does not exist")
+    return real

@@ -1,0 +1,136 @@
+"""RawDriver: the guest sees the host file's bytes, optionally a window of them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from nbdserve.block.base import (
+    Capabilities,
+    Extent,
+    FormatDriver,
+    Limits,
+    Status,
+    Support,
+    fill_zeros,
+)
+from nbdserve.errors import NotSupportedError
+
+if TYPE_CHECKING:
+    from nbdserve.block.base import Buffer
+    from nbdserve.block.file import FileBackend
+
+
+class RawDriver(FormatDriver):
+    format_name = "raw"
+
+    def __init__(
+        self,
+        file: FileBackend,
+        *,
+        read_only: bool,
+        window_offset: int = 0,
+        window_size: int | None = None,
+    ) -> None:
+        super().__init__(file, read_only=read_only or file.read_only)
+        self._base = window_offset
+        self.size = (file.size - window_offset) if window_size is None else window_size
+        if self.size < 0:
+            raise ValueError("raw window starts past the end of the file")
+        self.limits = Limits()
+        writable = not self.read_only
+        self.caps = Capabilities(
+            writable=writable,
+            flush=True,
+            discard=writable,
+            zero=Support.NATIVE if writable else Support.NONE,
+            fast_zero=writable,
+            fua=Support.EMULATE,
+            cache=True,
+            multi_conn=True,
+        )
+
+    # The raw layer holds no state between requests, so concurrent requests
+    # need no lock: the page cache orders them, as NBD permits.
+
+    def try_readinto(self, offset: int, buf: memoryview) -> bool:
+        return self.file.try_pread_into(self._base + offset, buf)  # type: ignore[union-attr]
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        await self._file.pread_into(self._base + offset, buf)
+
+    def try_write(self, offset: int, data: Buffer, *, fua: bool = False) -> bool:
+        return not fua and self._file.try_pwrite(self._base + offset, data)
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        await self._file.pwrite(self._base + offset, data)
+        if fua:
+            await self._file.sync()
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
+        host = self._base + offset
+        done = False
+        if may_unmap:
+            try:
+                await self._file.punch_hole(host, length)
+                done = True
+            except NotSupportedError:
+                pass
+        if not done:
+            try:
+                await self._file.zero_range(host, length)
+            except NotSupportedError:
+                if fast:
+                    raise
+                await self._file.write_zeroes(host, length)
+        if fua:
+            await self._file.sync()
+
+    async def discard(self, offset: int, length: int) -> None:
+        try:
+            await self._file.punch_hole(self._base + offset, length)
+        except NotSupportedError:
+            pass  # discard is advisory
+
+    async def flush(self) -> None:
+        await self._file.sync()
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        await trio.lowlevel.checkpoint()
+        runs = self._file.data_extents(self._base + offset, length)
+        out = [
+            Extent(
+                host - self._base,
+                n,
+                Status.ALLOCATED | (Status.DATA if is_data else Status.ZERO),
+            )
+            for host, n, is_data in runs
+        ]
+        return out
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        await self._file.aclose()
+
+    @property
+    def _file(self) -> FileBackend:
+        assert self.file is not None
+        return self.file
+
+    def describe(self) -> dict[str, object]:
+        return {"format": "raw", "virtual-size": self.size}
+
+
+__all__ = ["RawDriver", "fill_zeros"]

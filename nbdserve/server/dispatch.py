@@ -1,0 +1,167 @@
+"""Request -> BlockDevice call -> reply bytes.  The only module that sees both.
+
+It is also the only place that catches broad exceptions: a ``BlockError``
+becomes an error reply through ``to_nbd_errno``; any other ``Exception`` is a
+bug, logged with its traceback and answered with EIO (or re-raised when
+``strict``, as the tests run it).  Cancellation is never caught.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from nbdserve.block.extents import allocation_descriptors, depth_descriptors
+from nbdserve.errors import BlockError, NbdErrno, to_nbd_errno
+from nbdserve.protocol.constants import Cmd, CmdFlag
+from nbdserve.protocol.events import HoleChunk, ReadChunk
+from nbdserve.server.exports import ALLOCATION_DEPTH, BASE_ALLOCATION
+
+if TYPE_CHECKING:
+    from nbdserve.block.base import ChainExtent
+    from nbdserve.block.device import BlockDevice
+    from nbdserve.protocol.connection import ServerConnection
+    from nbdserve.protocol.events import Request
+
+LOGGER = logging.getLogger(__name__)
+
+Chunks = list[bytes | bytearray | memoryview]
+
+# Reads at least this large ask block status first and send holes as
+# OFFSET_HOLE chunks instead of reading and sending zeros.
+SPARSE_READ_MIN = 1024 * 1024
+
+
+async def dispatch(
+    conn: ServerConnection, device: BlockDevice, req: Request, *, strict: bool = False
+) -> Chunks:
+    """Run one request and return the reply chunks to send."""
+    try:
+        return await _run(conn, device, req)
+    except BlockError as exc:
+        errno = to_nbd_errno(
+            exc,
+            fast_zero=bool(req.flags & CmdFlag.FAST_ZERO),
+            df=bool(req.flags & CmdFlag.DF),
+        )
+        if errno == NbdErrno.EIO:
+            LOGGER.warning("request %s failed: %s", _describe(req), exc)
+        else:
+            LOGGER.debug("request %s refused: %s", _describe(req), exc)
+        return [conn.reply_error(req.handle, errno, str(exc), req.offset)]
+    except Exception:
+        if strict:
+            raise
+        LOGGER.exception("internal error on request %s", _describe(req))
+        return [conn.reply_error(req.handle, NbdErrno.EIO, "internal server error", req.offset)]
+
+
+def _describe(req: Request) -> str:
+    try:
+        name = Cmd(req.cmd).name
+    except ValueError:
+        name = str(req.cmd)
+    return f"{name} offset={req.offset} length={req.length} flags={req.flags:#x}"
+
+
+async def _run(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:
+    cmd = req.cmd
+    flags = req.flags
+    if cmd == Cmd.READ:
+        return await _read(conn, device, req)
+    if cmd == Cmd.WRITE:
+        assert req.payload is not None
+        await device.write(req.offset, req.payload, fua=bool(flags & CmdFlag.FUA))
+    elif cmd == Cmd.FLUSH:
+        await device.flush()
+    elif cmd == Cmd.TRIM:
+        await device.discard(req.offset, req.length)
+        if flags & CmdFlag.FUA:
+            await device.flush()
+    elif cmd == Cmd.WRITE_ZEROES:
+        await device.write_zeroes(
+            req.offset,
+            req.length,
+            may_unmap=not flags & CmdFlag.NO_HOLE,
+            fua=bool(flags & CmdFlag.FUA),
+            fast=bool(flags & CmdFlag.FAST_ZERO),
+        )
+    elif cmd == Cmd.CACHE:
+        await device.cache(req.offset, req.length)
+    elif cmd == Cmd.BLOCK_STATUS:
+        return await _block_status(conn, device, req)
+    else:  # validate.py refuses everything else before it gets here
+        raise AssertionError(f"unexpected command {cmd}")
+    return [conn.reply_ok(req.handle, req.offset)]
+
+
+async def _read(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:
+    if conn.structured_replies and req.length >= SPARSE_READ_MIN and not req.flags & CmdFlag.DF:
+        return await _read_sparse(conn, device, req)
+    return [await read_reply(conn, device, req)]
+
+
+async def read_reply(conn: ServerConnection, device: BlockDevice, req: Request) -> bytearray:
+    """One buffer holding the reply header followed by the data."""
+    hsize = conn.reply_read_header_size()
+    buf = bytearray(hsize + req.length)
+    buf[:hsize] = conn.reply_read_header(req.handle, req.offset, req.length)
+    await device.readinto(req.offset, memoryview(buf)[hsize:])
+    return buf
+
+
+async def _read_sparse(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:
+    """Structured read: data chunks for data, OFFSET_HOLE chunks for zeros."""
+    extents = await _status_covering(device, req.offset, req.length)
+    if all(not e.zero for e in extents):
+        return [await read_reply(conn, device, req)]
+    out: Chunks = []
+    handle = req.handle
+    for e in extents:
+        if e.zero:
+            out.extend(conn.send(HoleChunk(handle, e.offset, e.length, request_offset=req.offset)))
+        else:
+            data = bytearray(e.length)
+            await device.readinto(e.offset, memoryview(data))
+            out.extend(
+                conn.send(ReadChunk(handle, e.offset, data, done=False, request_offset=req.offset))
+            )
+    out.append(conn.reply_ok(handle, req.offset))
+    return out
+
+
+async def _status_covering(device: BlockDevice, offset: int, length: int) -> list[ChainExtent]:
+    out: list[ChainExtent] = []
+    pos, end = offset, offset + length
+    while pos < end:
+        got = await device.block_status(pos, end - pos)
+        out.extend(got)
+        pos = got[-1].end
+    return out
+
+
+async def _block_status(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:
+    contexts = conn.meta_contexts
+    extents = await device.block_status(req.offset, req.length)
+    if req.flags & CmdFlag.REQ_ONE:
+        extents = extents[:1]
+    out: Chunks = []
+    items = sorted(contexts.items())
+    for i, (cid, name) in enumerate(items):
+        descs = _descriptors(name, extents)
+        if req.flags & CmdFlag.REQ_ONE:
+            descs = descs[:1]
+        done = i == len(items) - 1
+        out.append(
+            conn.reply_block_status(req.handle, cid, descs, done=done, req_offset=req.offset)
+        )
+    return out
+
+
+def _descriptors(name: str, extents: Sequence[ChainExtent]) -> list[tuple[int, int]]:
+    if name == BASE_ALLOCATION:
+        return allocation_descriptors(extents)
+    if name == ALLOCATION_DEPTH:
+        return depth_descriptors(extents)
+    raise AssertionError(f"unknown meta context {name}")

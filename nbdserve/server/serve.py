@@ -1,0 +1,222 @@
+"""serve(): open exports and listeners, accept clients, shut down gracefully.
+
+Shutdown (hypercorn's pattern): stop accepting; mark the registry as shutting
+down so new requests get ESHUTDOWN and new options ERR_SHUTDOWN; stop every
+session's reader so in-flight requests finish and are answered; give the
+sessions ``shutdown_grace`` seconds; then flush and close every image.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket as stdsocket
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import trio
+
+from nbdserve.config import ServerConfig
+from nbdserve.errors import ConfigError
+from nbdserve.server.exports import ExportRegistry
+from nbdserve.server.session import Session
+
+LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ServerHandle:
+    """What ``serve`` reports through ``task_status.started``."""
+
+    tcp_addresses: list[tuple[str, int]] = field(default_factory=list)
+    unix_paths: list[str] = field(default_factory=list)
+    _stop: trio.Event = field(default_factory=trio.Event)
+    registry: ExportRegistry | None = None
+
+    @property
+    def port(self) -> int:
+        return self.tcp_addresses[0][1]
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (idempotent, callable from any task)."""
+        self._stop.set()
+
+
+async def serve(
+    config: ServerConfig,
+    *,
+    task_status: trio.TaskStatus[ServerHandle] = trio.TASK_STATUS_IGNORED,
+    handle_signals: bool = False,
+    strict: bool = False,
+    force_read_only: bool = False,
+) -> None:
+    """Serve until shutdown is requested (signal or ``ServerHandle.shutdown``)."""
+    registry = await ExportRegistry.open(
+        config.exports, default_export=config.default_export, force_read_only=force_read_only
+    )
+    unix_paths: list[str] = []
+    try:
+        listeners, handle = await _open_listeners(config)
+        unix_paths = handle.unix_paths
+        handle.registry = registry
+        server = _Server(config, registry, strict)
+        await server.run(listeners, handle, task_status, handle_signals)
+    finally:
+        with trio.CancelScope(shield=True):
+            await registry.aclose()
+            for path in unix_paths:
+                _unlink_quietly(path)
+        LOGGER.info("event=stopped")
+
+
+class _Server:
+    def __init__(self, config: ServerConfig, registry: ExportRegistry, strict: bool) -> None:
+        self.config = config
+        self.registry = registry
+        self.strict = strict
+        self.sessions: set[Session] = set()
+
+    async def run(
+        self,
+        listeners: Sequence[trio.SocketListener],
+        handle: ServerHandle,
+        task_status: trio.TaskStatus[ServerHandle],
+        handle_signals: bool,
+    ) -> None:
+        async with trio.open_nursery() as sessions:
+            async with trio.open_nursery() as accepting:
+                for listener in listeners:
+                    accepting.start_soon(self._accept_loop, listener, sessions)
+                if handle_signals:
+                    accepting.start_soon(self._watch_signals, handle)
+                for addr in handle.tcp_addresses:
+                    LOGGER.info("event=listening address=%s:%d", *addr)
+                for path in handle.unix_paths:
+                    LOGGER.info("event=listening socket=%s", path)
+                task_status.started(handle)
+                await handle._stop.wait()
+                accepting.cancel_scope.cancel()
+            for listener in listeners:
+                await listener.aclose()
+            LOGGER.info("event=shutdown sessions=%d", len(self.sessions))
+            self.registry.shutting_down = True
+            for session in list(self.sessions):
+                session.begin_shutdown()
+            sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
+
+    async def _watch_signals(self, handle: ServerHandle) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                LOGGER.info("event=signal signal=%s", signal.Signals(signum).name)
+                handle.shutdown()
+                return
+
+    async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
+                    LOGGER.error("accept failed (%s); pausing", exc)
+                    await trio.sleep(0.1)
+                    continue
+                raise
+            if len(self.sessions) >= self.config.max_connections:
+                LOGGER.warning(
+                    "connection refused: max_connections=%d reached", self.config.max_connections
+                )
+                await trio.aclose_forcefully(stream)
+                continue
+            sessions.start_soon(self._run_session, stream)
+
+    async def _run_session(self, stream: trio.SocketStream) -> None:
+        session = Session(
+            stream, self.registry, self.config, peer=_peer_name(stream), strict=self.strict
+        )
+        self.sessions.add(session)
+        try:
+            await session.run()
+        finally:
+            self.sessions.discard(session)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(peer, tuple):
+        return f"{peer[0]}:{peer[1]}"
+    return "unix"
+
+
+async def _open_listeners(
+    config: ServerConfig,
+) -> tuple[list[trio.SocketListener], ServerHandle]:
+    handle = ServerHandle()
+    listeners: list[trio.SocketListener] = []
+    try:
+        if config.bind is not None:
+            try:
+                tcp = await trio.open_tcp_listeners(config.port, host=config.bind)
+            except OSError as exc:
+                if exc.errno == errno.EADDRINUSE:
+                    raise ConfigError(
+                        f"port {config.port} on {config.bind} is already in use"
+                    ) from None
+                raise ConfigError(
+                    f"cannot listen on {config.bind}:{config.port}: {exc.strerror or exc}"
+                ) from None
+            listeners.extend(tcp)
+            for listener in tcp:
+                host, port = listener.socket.getsockname()[:2]
+                handle.tcp_addresses.append((host, port))
+        if config.socket is not None:
+            listeners.append(_open_unix_listener(config.socket))
+            handle.unix_paths.append(config.socket)
+    except BaseException:
+        for listener in listeners:
+            await listener.aclose()
+        raise
+    return listeners, handle
+
+
+def _open_unix_listener(path: str) -> trio.SocketListener:
+    try:
+        if stat.S_ISSOCK(os.stat(path).st_mode):
+            _unlink_stale_socket(path)
+    except FileNotFoundError:
+        pass
+    sock = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise ConfigError(f"socket {path} is in use by another server") from None
+        raise ConfigError(f"cannot listen on {path}: {exc.strerror or exc}") from None
+    return trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+
+
+def _unlink_stale_socket(path: str) -> None:
+    """Remove a socket file no server listens on any more."""
+    probe = stdsocket.socket(stdsocket.AF_UNIX, stdsocket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        _unlink_quietly(path)
+    else:
+        raise ConfigError(f"socket {path} is in use by another server")
+    finally:
+        probe.close()
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass

@@ -184,6 +184,16 @@ class BlockDriver(trio.abc.AsyncResource):
     def statistics(self) -> DriverStatistics:
         return DriverStatistics()
 
+    async def run_background(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Background work owned by the export (e.g. FVD prefetch).
+
+        The server starts this with ``nursery.start`` once the export is open
+        and cancels it before closing the image; the default has none.
+        """
+        task_status.started()
+
     def describe(self) -> dict[str, object]:
         """Format-specific facts for ``img info`` and logs."""
         return {}

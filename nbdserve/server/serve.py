@@ -63,7 +63,11 @@ async def serve(
         unix_paths = handle.unix_paths
         handle.registry = registry
         server = _Server(config, registry, strict)
-        await server.run(listeners, handle, task_status, handle_signals)
+        async with trio.open_nursery() as background:
+            for export in registry:
+                await background.start(export.chain.top.run_background)
+            await server.run(listeners, handle, task_status, handle_signals)
+            background.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await registry.aclose()

@@ -132,3 +132,12 @@ def _wait_listening(
             pass
         time.sleep(0.05)
     raise AssertionError("server did not start listening in time")
+
+
+def nbdsh_argv() -> list[str]:
+    """nbdsh is ``python3 -m nbd`` on the *system* Python (python3-libnbd is built for it);
+    a venv's or pyenv's python3 earlier on PATH would not find the module."""
+    system_python = "/usr/bin/python3"
+    if os.path.exists(system_python):
+        return [system_python, "-m", "nbd"]
+    return ["nbdsh"]

@@ -85,7 +85,9 @@ _DESC = struct.Struct(">II")
 _DESC_EXT = struct.Struct(">QQ")
 _BS_EXT_HEAD = struct.Struct(">II")
 
-_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# a plain int: ``~`` of an IntFlag only complements the *defined* bits, which
+# would make every unknown flag look known
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 _DONE = int(ReplyFlag.DONE)
 _WRITE = int(Cmd.WRITE)
 
@@ -126,6 +128,7 @@ class ServerConnection:
         self._min_block = 1
         self._tstate: TransmissionState | None = None
         self._greeted = False
+        self._transmitted = False  # TRANSMISSION was entered (CLOSED may follow it)
 
     # ---- read-only properties ---------------------------------------------
 
@@ -268,6 +271,9 @@ class ServerConnection:
         if magic != IHAVEOPT:
             raise LocalProtocolError(f"bad option magic {magic:#x}")
         if length > self.max_option_size:
+            if option == Opt.EXPORT_NAME:
+                # EXPORT_NAME has no error reply: refusing it means closing
+                raise LocalProtocolError(f"NBD_OPT_EXPORT_NAME of {length} bytes")
             self._pos += OPTION_HEADER_SIZE
             self._skip_bytes(length)
             return self._pend(
@@ -301,6 +307,10 @@ class ServerConnection:
         try:
             return self._parse_known_option(opt, payload)
         except _BadOption as exc:
+            if opt is Opt.EXPORT_NAME:
+                # proto.md: a server unwilling to allow the export MUST
+                # terminate the session; an option reply would be misread
+                raise LocalProtocolError(f"NBD_OPT_EXPORT_NAME refused: {exc}") from None
             return ev.OptionRejected(option, exc.reply, str(exc))
 
     def _parse_known_option(self, opt: Opt, payload: bytes) -> ev.OptionEvent:
@@ -428,7 +438,7 @@ class ServerConnection:
     def _send(self, event: object) -> list[bytes | bytearray | memoryview]:
         etype = type(event)
         if etype in TRANSMISSION_REPLIES:
-            if self._phase is not Phase.TRANSMISSION and self._phase is not Phase.CLOSED:
+            if not self._transmitted or self._phase is Phase.ERROR:
                 raise LocalProtocolError(f"{etype.__name__} outside transmission")
             if etype in STRUCTURED_ONLY and not self._structured:
                 raise LocalProtocolError(f"{etype.__name__} without structured replies")
@@ -466,6 +476,7 @@ class ServerConnection:
         new_phase = OPTION_TRANSITIONS.get((type(pending), type(reply)))
         if new_phase is not None:
             self._phase = new_phase
+            self._transmitted = new_phase is Phase.TRANSMISSION
 
     def _effective_flags(self, flags: int) -> TxFlag:
         tx = TxFlag(flags) | TxFlag.HAS_FLAGS

@@ -63,7 +63,9 @@ def validate_request(
     needed = _CMD_NEEDS_FLAG.get(command)
     if needed is not None and not st.flags & needed:
         return NbdErrno.EINVAL, f"{command.name} was not advertised"
-    bad = flags & ~allowed_flags(command, st)
+    # int(): ``~`` of an IntFlag complements only the defined bits, which
+    # would let undefined flag bits through
+    bad = flags & ~int(allowed_flags(command, st))
     if bad:
         return NbdErrno.EINVAL, f"flags {bad:#x} not allowed on {command.name}"
     if command in _WRITE_CMDS and st.flags & TxFlag.READ_ONLY:

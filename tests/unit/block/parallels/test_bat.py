@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+from hypothesis import given
+from hypothesis import strategies as st
+
+from nbdserve.block.parallels.bat import BAT_PAGE_SIZE, BatTable, duplicate_indices
+from nbdserve.block.parallels.structs import HEADER_SIZE, Geometry
+
+CS = 4096
+
+
+def table(entries: list[int], unit: int = CS) -> BatTable:
+    g = Geometry(
+        cluster_size=CS,
+        bat_unit=unit,
+        bat_entries=len(entries),
+        size=len(entries) * CS,
+        data_start=8 * CS,
+        data_off_ok=True,
+        ext_offset=0,
+    )
+    meta = bytearray(HEADER_SIZE) + bytearray(np.array(entries, dtype="<u4").tobytes())
+    return BatTable(meta, g)
+
+
+def naive_run(entries: list[int], first: int, count: int, unit: int) -> tuple[int, int]:
+    count = min(count, len(entries) - first)
+    if entries[first] == 0:
+        n = 1
+        while n < count and entries[first + n] == 0:
+            n += 1
+        return 0, n
+    n = 1
+    while n < count and entries[first + n] == entries[first] + n * (CS // unit):
+        n += 1
+    return entries[first] * unit, n
+
+
+entries_st = st.lists(st.sampled_from([0, 0, 8, 9, 10, 11, 20, 21]), min_size=1, max_size=40)
+
+
+@given(entries_st, st.data())
+def test_run_at_matches_naive(entries: list[int], data: st.DataObject) -> None:
+    first = data.draw(st.integers(0, len(entries) - 1))
+    count = data.draw(st.integers(1, len(entries) - first))
+    for unit in (CS, 512):
+        scaled = [e * (CS // unit) for e in entries]
+        assert table(scaled, unit).run_at(first, count) == naive_run(scaled, first, count, unit)
+
+
+@given(entries_st)
+def test_allocation_runs_cover_and_alternate(entries: list[int]) -> None:
+    runs = table(entries).allocation_runs(0, len(entries))
+    assert sum(n for _, n, _ in runs) == len(entries)
+    pos = 0
+    for start, n, allocated in runs:
+        assert start == pos
+        assert all((entries[i] != 0) == allocated for i in range(start, start + n))
+        pos += n
+    assert all(a[2] != b[2] for a, b in itertools.pairwise(runs))
+
+
+def test_set_run_marks_pages_and_take_dirty_merges() -> None:
+    n = 3 * BAT_PAGE_SIZE // 4
+    t = table([0] * n)
+    assert not t.has_dirty()
+    t.set_run(10, 3, 100 * CS)
+    assert [t.host_offset(i) for i in (10, 11, 12)] == [100 * CS, 101 * CS, 102 * CS]
+    last = n - 1
+    t.set_run(last, 1, 7 * CS)
+    ranges = t.take_dirty()
+    assert ranges == [(0, BAT_PAGE_SIZE), (3 * BAT_PAGE_SIZE, len(t.meta) - 3 * BAT_PAGE_SIZE)]
+    assert not t.has_dirty()
+    t.restore_dirty(ranges)
+    assert t.take_dirty() == ranges
+    # the BAT bytes in meta are what the array says
+    assert int.from_bytes(t.meta[HEADER_SIZE + 40 : HEADER_SIZE + 44], "little") == 100
+
+
+def test_duplicates_keep_the_first_occurrence() -> None:
+    index = np.array([1, 4, 5, 9, 12])
+    host = np.array([10, 20, 10, 30, 20], dtype=np.int64)
+    assert duplicate_indices(index, host).tolist() == [5, 12]
+    assert duplicate_indices(index[:1], host[:1]).tolist() == []
+
+
+def test_problems_and_data_end() -> None:
+    t = table([0, 8, 9, 2, 30, 9])
+    p = t.problems(file_size=20 * CS)
+    assert p.outside.tolist() == [4]
+    assert p.inside_metadata.tolist() == [3]
+    assert p.duplicates.tolist() == [5]
+    assert "outside the file" in p.describe()
+    assert t.data_end() == 31 * CS
+    assert table([0, 0]).data_end() == 8 * CS

@@ -38,17 +38,17 @@ class TransmissionState:
 
 def allowed_flags(cmd: int, st: TransmissionState) -> int:
     """The command flags a client may set on ``cmd`` under ``st``."""
-    fua = CmdFlag.FUA if st.flags & TxFlag.SEND_FUA else 0
+    # proto.md: with SEND_FUA the server MUST accept FUA on *every* command
+    # ("even by ignoring the bit"); clients are known to set it on reads
+    fua = int(CmdFlag.FUA) if st.flags & TxFlag.SEND_FUA else 0
     if cmd == Cmd.READ:
-        return CmdFlag.DF if st.structured and st.flags & TxFlag.SEND_DF else 0
-    if cmd in (Cmd.WRITE, Cmd.TRIM):
-        return fua
+        return fua | (int(CmdFlag.DF) if st.structured and st.flags & TxFlag.SEND_DF else 0)
     if cmd == Cmd.WRITE_ZEROES:
-        fast = CmdFlag.FAST_ZERO if st.flags & TxFlag.SEND_FAST_ZERO else 0
-        return fua | CmdFlag.NO_HOLE | fast
+        fast = int(CmdFlag.FAST_ZERO) if st.flags & TxFlag.SEND_FAST_ZERO else 0
+        return fua | int(CmdFlag.NO_HOLE) | fast
     if cmd == Cmd.BLOCK_STATUS:
-        return CmdFlag.REQ_ONE
-    return 0
+        return fua | int(CmdFlag.REQ_ONE)
+    return fua
 
 
 def validate_request(
@@ -60,6 +60,10 @@ def validate_request(
         return NbdErrno.EINVAL, f"unknown command {cmd}"
     if command == Cmd.RESIZE:
         return NbdErrno.EINVAL, "resize is not supported"
+    if command in _WRITE_CMDS and st.flags & TxFlag.READ_ONLY:
+        # before the "not advertised" check: read-only exports advertise no
+        # TRIM/WRITE_ZEROES, yet proto.md says a write or trim there is EPERM
+        return NbdErrno.EPERM, "export is read-only"
     needed = _CMD_NEEDS_FLAG.get(command)
     if needed is not None and not st.flags & needed:
         return NbdErrno.EINVAL, f"{command.name} was not advertised"
@@ -68,8 +72,6 @@ def validate_request(
     bad = flags & ~int(allowed_flags(command, st))
     if bad:
         return NbdErrno.EINVAL, f"flags {bad:#x} not allowed on {command.name}"
-    if command in _WRITE_CMDS and st.flags & TxFlag.READ_ONLY:
-        return NbdErrno.EPERM, "export is read-only"
     if command in _RANGE_CMDS:
         return _check_range(st, command, offset, length)
     return None

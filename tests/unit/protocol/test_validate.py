@@ -74,8 +74,11 @@ def test_fua_only_when_advertised(cmd: int) -> None:
 
 
 @pytest.mark.parametrize("cmd", [Cmd.READ, Cmd.FLUSH, Cmd.CACHE, Cmd.BLOCK_STATUS])
-def test_fua_not_on_other_commands(cmd: int) -> None:
-    assert check(cmd, CmdFlag.FUA) == NbdErrno.EINVAL
+def test_fua_accepted_on_every_command_when_advertised(cmd: int) -> None:
+    # proto.md: with NBD_FLAG_SEND_FUA the server MUST accept FUA on all
+    # commands ("even by ignoring the bit")
+    assert check(cmd, CmdFlag.FUA) == NbdErrno.OK
+    assert check(cmd, CmdFlag.FUA, flags=ALL & ~TxFlag.SEND_FUA) == NbdErrno.EINVAL
 
 
 def test_df_only_with_structured_replies_and_advertised() -> None:
@@ -131,17 +134,25 @@ def test_unknown_or_unsupported_commands(cmd: int) -> None:
     assert check(cmd) == NbdErrno.EINVAL
 
 
+# what a read-only export advertises: no TRIM, WRITE_ZEROES, FUA or FAST_ZERO
+READ_ONLY = (ALL | TxFlag.READ_ONLY) & ~(
+    TxFlag.SEND_TRIM | TxFlag.SEND_WRITE_ZEROES | TxFlag.SEND_FUA | TxFlag.SEND_FAST_ZERO
+)
+
+
 @pytest.mark.parametrize("cmd", WRITE_CMDS)
-def test_read_only_gives_eperm(cmd: int) -> None:
-    ro = ALL | TxFlag.READ_ONLY
-    assert check(cmd, flags=ro) == NbdErrno.EPERM
+@pytest.mark.parametrize("flags", [READ_ONLY, ALL | TxFlag.READ_ONLY])
+def test_read_only_gives_eperm(cmd: int, flags: TxFlag) -> None:
+    # proto.md: "SHOULD return EPERM if it receives a write or trim request
+    # on a read-only export", even though TRIM itself is not advertised there
+    assert check(cmd, flags=flags) == NbdErrno.EPERM
     # read-only wins over the range check, as in nbdkit
-    assert check(cmd, flags=ro, offset=SIZE) == NbdErrno.EPERM
+    assert check(cmd, flags=flags, offset=SIZE) == NbdErrno.EPERM
 
 
 @pytest.mark.parametrize("cmd", [Cmd.READ, Cmd.CACHE, Cmd.BLOCK_STATUS, Cmd.FLUSH])
 def test_read_only_allows_reads(cmd: int) -> None:
-    assert check(cmd, flags=ALL | TxFlag.READ_ONLY) == NbdErrno.OK
+    assert check(cmd, flags=READ_ONLY) == NbdErrno.OK
 
 
 @pytest.mark.parametrize("cmd", RANGE_CMDS)

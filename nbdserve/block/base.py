@@ -16,7 +16,7 @@ composes the chain.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, ClassVar
 
@@ -133,6 +133,14 @@ class BlockDriver(trio.abc.AsyncResource):
         never claims to be able to.
         """
         return False
+
+    def fast_reader(self) -> Callable[[int, memoryview], bool]:
+        """The cheapest callable with ``try_readinto``'s contract.
+
+        Layers that add nothing on the fast path (a raw file without a window)
+        return their file's function directly, saving a call per request.
+        """
+        return self.try_readinto
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data``; not atomic across the range.  Durable on return with fua."""

@@ -114,6 +114,18 @@ class BlockDevice:
         self.stats.bytes_read += n
         return True
 
+    def inline_reader(self, max_length: int) -> Callable[[int, memoryview], bool] | None:
+        """A function that answers reads of up to ``max_length`` bytes without
+        blocking (True) or declines (False); None when this device never can.
+
+        For the server's per-request path: it skips this front end's checks,
+        so callers must have validated the range and respect ``max_length``.
+        Reads done through it are not counted in ``stats``.
+        """
+        if self._align > 1 or max_length > self._max:
+            return None
+        return self.top.fast_reader()
+
     async def readinto(self, offset: int, view: memoryview) -> None:
         n = len(view)
         self._check_range(offset, n)

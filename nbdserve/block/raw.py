@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
@@ -57,6 +57,11 @@ class RawDriver(FormatDriver):
 
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
         return self.file.try_pread_into(self._base + offset, buf)  # type: ignore[union-attr]
+
+    def fast_reader(self) -> Callable[[int, memoryview], bool]:
+        if self._base == 0:
+            return self._file.try_pread_into
+        return self.try_readinto
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         await self._file.pread_into(self._base + offset, buf)

@@ -90,6 +90,9 @@ _BS_EXT_HEAD = struct.Struct(">II")
 _KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 _DONE = int(ReplyFlag.DONE)
 _WRITE = int(Cmd.WRITE)
+_DISC = int(Cmd.DISC)
+_OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_BATCH_ENDERS = (ev.Disconnect, ev.ConnectionClosed)
 
 DEFAULT_MAX_OPTION_SIZE = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
@@ -211,6 +214,32 @@ class ServerConnection:
             self._phase = Phase.ERROR
             raise RemoteProtocolError(str(exc)) from None
         return event
+
+    def next_events(self, limit: int = 4096) -> list[object]:
+        """Every event the buffered bytes hold now, in order, at most ``limit``.
+
+        The batch form of :meth:`next_event` for the per-request path: an empty
+        list means NEED_DATA (or PAUSED during the handshake).  A batch ends
+        after ``Disconnect`` or ``ConnectionClosed``.
+        """
+        if self._phase is not Phase.TRANSMISSION or self._skip:
+            event = self.next_event()
+            return [] if event is ev.NEED_DATA or event is ev.PAUSED else [event]
+        out: list[object] = []
+        read = self._read_request
+        need = ev.NEED_DATA
+        try:
+            while len(out) < limit:
+                event = read()
+                if event is need:
+                    break
+                out.append(event)
+                if self._skip or type(event) in _BATCH_ENDERS:
+                    break
+        except LocalProtocolError as exc:
+            self._phase = Phase.ERROR
+            raise RemoteProtocolError(str(exc)) from None
+        return out
 
     def _read_event(self) -> object:
         if self._skip:
@@ -356,7 +385,7 @@ class ServerConnection:
 
     def _transmission_state(self) -> TransmissionState:
         if self._tstate is None:
-            self._tstate = TransmissionState(
+            self._tstate = TransmissionState.create(
                 size=self._export_size,
                 flags=self._tx_flags,
                 structured=self._structured,
@@ -394,7 +423,7 @@ class ServerConnection:
         if cmd == _WRITE:
             return self._read_write(hsize, flags, handle, offset, length)
         self._pos = pos + hsize
-        if cmd == Cmd.DISC:
+        if cmd == _DISC:
             self._phase = Phase.CLOSED
             return ev.Disconnect()
         bad = validate_request(self._transmission_state(), cmd, flags, offset, length)
@@ -632,6 +661,27 @@ class ServerConnection:
                 STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, handle, length + 8, offset
             )
         return SIMPLE_REPLY_STRUCT.pack(SIMPLE_REPLY_MAGIC, 0, handle)
+
+    def reply_read_header_into(self, buf: bytearray, handle: int, offset: int, length: int) -> None:
+        """Pack :meth:`reply_read_header` into the front of ``buf``."""
+        if self._extended:
+            EXTENDED_READ_CHUNK_STRUCT.pack_into(
+                buf,
+                0,
+                EXTENDED_REPLY_MAGIC,
+                _DONE,
+                ReplyType.OFFSET_DATA,
+                handle,
+                offset,
+                length + 8,
+                offset,
+            )
+        elif self._structured:
+            READ_CHUNK_STRUCT.pack_into(
+                buf, 0, STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, handle, length + 8, offset
+            )
+        else:
+            SIMPLE_REPLY_STRUCT.pack_into(buf, 0, SIMPLE_REPLY_MAGIC, 0, handle)
 
     def reply_read_header_size(self) -> int:
         if self._extended:

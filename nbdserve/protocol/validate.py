@@ -2,19 +2,27 @@
 
 Returns ``None`` for a valid request or ``(errno, reason)``.  Order follows
 nbdkit: unknown command, flags, read-only, range, size limits, alignment.
+
+This runs once per request, so the flag rules are computed once per
+negotiated export (``TransmissionState.create``) into a plain ``int -> int``
+table; the per-request path touches no enum objects.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from nbdserve.errors import NbdErrno
 from nbdserve.protocol.constants import Cmd, CmdFlag, TxFlag
 
-_WRITE_CMDS = frozenset({Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES})
-_RANGE_CMDS = frozenset(
-    {Cmd.READ, Cmd.WRITE, Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.CACHE, Cmd.BLOCK_STATUS}
-)
+_READ = int(Cmd.READ)
+_WRITE = int(Cmd.WRITE)
+_TRIM = int(Cmd.TRIM)
+_WRITE_ZEROES = int(Cmd.WRITE_ZEROES)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
+_WRITE_CMDS = frozenset({_WRITE, _TRIM, _WRITE_ZEROES})
+_RANGE_CMDS = frozenset({_READ, _WRITE, _TRIM, _WRITE_ZEROES, int(Cmd.CACHE), _BLOCK_STATUS})
 _CMD_NEEDS_FLAG = {
     Cmd.FLUSH: TxFlag.SEND_FLUSH,
     Cmd.TRIM: TxFlag.SEND_TRIM,
@@ -25,7 +33,11 @@ _CMD_NEEDS_FLAG = {
 
 @dataclass(frozen=True, slots=True)
 class TransmissionState:
-    """What the handshake settled that requests are checked against."""
+    """What the handshake settled that requests are checked against.
+
+    ``allowed`` maps each command the client may send to the command flags it
+    may set on it; commands absent from it are unknown or not advertised.
+    """
 
     size: int
     flags: TxFlag
@@ -33,18 +45,52 @@ class TransmissionState:
     extended: bool
     has_meta_context: bool
     max_payload: int
-    min_block: int = 1
+    min_block: int
+    allowed: Mapping[int, int]
+    read_only: bool
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        size: int,
+        flags: TxFlag,
+        structured: bool,
+        extended: bool,
+        has_meta_context: bool,
+        max_payload: int,
+        min_block: int = 1,
+    ) -> TransmissionState:
+        allowed: dict[int, int] = {}
+        for cmd in Cmd:
+            if cmd in (Cmd.RESIZE, Cmd.DISC):
+                continue
+            needed = _CMD_NEEDS_FLAG.get(cmd)
+            if needed is not None and not flags & needed:
+                continue
+            allowed[int(cmd)] = allowed_flags(cmd, flags, structured)
+        return cls(
+            size=size,
+            flags=flags,
+            structured=structured,
+            extended=extended,
+            has_meta_context=has_meta_context,
+            max_payload=max_payload,
+            min_block=min_block,
+            allowed=allowed,
+            read_only=bool(flags & TxFlag.READ_ONLY),
+        )
 
 
-def allowed_flags(cmd: int, st: TransmissionState) -> int:
-    """The command flags a client may set on ``cmd`` under ``st``."""
+def allowed_flags(cmd: int, flags: TxFlag, structured: bool) -> int:
+    """The command flags a client may set on ``cmd`` given the export's flags."""
     # proto.md: with SEND_FUA the server MUST accept FUA on *every* command
     # ("even by ignoring the bit"); clients are known to set it on reads
-    fua = int(CmdFlag.FUA) if st.flags & TxFlag.SEND_FUA else 0
+    fua = int(CmdFlag.FUA) if flags & TxFlag.SEND_FUA else 0
     if cmd == Cmd.READ:
-        return fua | (int(CmdFlag.DF) if st.structured and st.flags & TxFlag.SEND_DF else 0)
+        return fua | (int(CmdFlag.DF) if structured and flags & TxFlag.SEND_DF else 0)
     if cmd == Cmd.WRITE_ZEROES:
-        fast = int(CmdFlag.FAST_ZERO) if st.flags & TxFlag.SEND_FAST_ZERO else 0
+        fast = int(CmdFlag.FAST_ZERO) if flags & TxFlag.SEND_FAST_ZERO else 0
         return fua | int(CmdFlag.NO_HOLE) | fast
     if cmd == Cmd.BLOCK_STATUS:
         return fua | int(CmdFlag.REQ_ONE)
@@ -54,40 +100,50 @@ def allowed_flags(cmd: int, st: TransmissionState) -> int:
 def validate_request(
     st: TransmissionState, cmd: int, flags: int, offset: int, length: int
 ) -> tuple[NbdErrno, str] | None:
+    if st.read_only and cmd in _WRITE_CMDS:
+        # before the "not advertised" check: read-only exports advertise no
+        # TRIM/WRITE_ZEROES, yet proto.md says a write or trim there is EPERM
+        return NbdErrno.EPERM, "export is read-only"
+    allowed = st.allowed.get(cmd)
+    if allowed is None:
+        return _refuse_command(cmd)
+    if flags & ~allowed:
+        return NbdErrno.EINVAL, f"flags {flags & ~allowed:#x} not allowed on {_name(cmd)}"
+    if st.read_only and cmd in _WRITE_CMDS:
+        return NbdErrno.EPERM, "export is read-only"
+    if cmd in _RANGE_CMDS:
+        return _check_range(st, cmd, offset, length)
+    return None
+
+
+def _name(cmd: int) -> str:
+    try:
+        return Cmd(cmd).name
+    except ValueError:
+        return f"command {cmd}"
+
+
+def _refuse_command(cmd: int) -> tuple[NbdErrno, str]:
     try:
         command = Cmd(cmd)
     except ValueError:
         return NbdErrno.EINVAL, f"unknown command {cmd}"
     if command == Cmd.RESIZE:
         return NbdErrno.EINVAL, "resize is not supported"
-    if command in _WRITE_CMDS and st.flags & TxFlag.READ_ONLY:
-        # before the "not advertised" check: read-only exports advertise no
-        # TRIM/WRITE_ZEROES, yet proto.md says a write or trim there is EPERM
-        return NbdErrno.EPERM, "export is read-only"
-    needed = _CMD_NEEDS_FLAG.get(command)
-    if needed is not None and not st.flags & needed:
-        return NbdErrno.EINVAL, f"{command.name} was not advertised"
-    # int(): ``~`` of an IntFlag complements only the defined bits, which
-    # would let undefined flag bits through
-    bad = flags & ~int(allowed_flags(command, st))
-    if bad:
-        return NbdErrno.EINVAL, f"flags {bad:#x} not allowed on {command.name}"
-    if command in _RANGE_CMDS:
-        return _check_range(st, command, offset, length)
-    return None
+    return NbdErrno.EINVAL, f"{command.name} was not advertised"
 
 
 def _check_range(
-    st: TransmissionState, command: Cmd, offset: int, length: int
+    st: TransmissionState, cmd: int, offset: int, length: int
 ) -> tuple[NbdErrno, str] | None:
     if length == 0:
-        return NbdErrno.EINVAL, f"{command.name} of zero length"
+        return NbdErrno.EINVAL, f"{_name(cmd)} of zero length"
     if offset + length > st.size:
-        errno = NbdErrno.ENOSPC if command in _WRITE_CMDS else NbdErrno.EINVAL
-        return errno, f"{command.name} {offset}+{length} beyond export size {st.size}"
-    if command in (Cmd.READ, Cmd.WRITE) and length > st.max_payload:
-        return NbdErrno.EINVAL, f"{command.name} of {length} bytes exceeds {st.max_payload}"
-    if command == Cmd.BLOCK_STATUS:
+        errno = NbdErrno.ENOSPC if cmd in _WRITE_CMDS else NbdErrno.EINVAL
+        return errno, f"{_name(cmd)} {offset}+{length} beyond export size {st.size}"
+    if length > st.max_payload and cmd in (_READ, _WRITE):
+        return NbdErrno.EINVAL, f"{_name(cmd)} of {length} bytes exceeds {st.max_payload}"
+    if cmd == _BLOCK_STATUS:
         if not st.structured:
             return NbdErrno.EINVAL, "block status needs structured replies"
         if not st.has_meta_context:

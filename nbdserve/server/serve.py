@@ -23,6 +23,7 @@ from nbdserve.config import ServerConfig
 from nbdserve.errors import ConfigError
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.session import Session
+from nbdserve.server.transport import SocketTransport
 
 LOGGER = logging.getLogger(__name__)
 
@@ -137,24 +138,13 @@ class _Server:
             sessions.start_soon(self._run_session, stream)
 
     async def _run_session(self, stream: trio.SocketStream) -> None:
-        session = Session(
-            stream, self.registry, self.config, peer=_peer_name(stream), strict=self.strict
-        )
+        transport = SocketTransport.from_stream(stream)
+        session = Session(transport, self.registry, self.config, strict=self.strict)
         self.sessions.add(session)
         try:
             await session.run()
         finally:
             self.sessions.discard(session)
-
-
-def _peer_name(stream: trio.SocketStream) -> str:
-    try:
-        peer = stream.socket.getpeername()
-    except OSError:
-        return "?"
-    if isinstance(peer, tuple):
-        return f"{peer[0]}:{peer[1]}"
-    return "unix"
 
 
 async def _open_listeners(

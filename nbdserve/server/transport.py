@@ -1,0 +1,162 @@
+"""Transports: the byte pipe under a session, with non-blocking fast paths.
+
+Why not just a trio Stream: every ``send_all``/``receive_some`` on a trio
+socket stream passes through the scheduler even when the kernel could take or
+give the bytes at once, and at 100k requests per second a scheduler pass per
+call is most of the cost.  A session therefore first tries the kernel
+directly (``try_send``/``try_receive``) and only awaits when the socket would
+block, which keeps the loop at about one scheduler pass per batch of
+requests.  ``StreamTransport`` wraps any trio Stream (TLS, in-memory streams
+in tests) and simply has no fast path.
+"""
+
+from __future__ import annotations
+
+import socket as stdsocket
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+if TYPE_CHECKING:
+    from nbdserve.block.base import Buffer
+
+
+class Transport(Protocol):
+    def try_send(self, data: Buffer) -> int:
+        """Send what the kernel takes now, without blocking; returns bytes sent."""
+        ...
+
+    async def send_all(self, data: Buffer) -> None: ...
+
+    def try_send_many(self, chunks: list[Buffer]) -> int:
+        """Like try_send for a list of buffers (sendmsg); returns bytes sent."""
+        ...
+
+    def try_receive(self, max_bytes: int) -> bytes | None:
+        """Bytes available now (b"" at EOF), or None when a read would block."""
+        ...
+
+    async def receive_some(self, max_bytes: int) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+    @property
+    def peer(self) -> str: ...
+
+
+_BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+
+
+class SocketTransport:
+    """A connected, non-blocking stdlib socket owned by one session."""
+
+    def __init__(self, sock: stdsocket.socket) -> None:
+        sock.setblocking(False)
+        if sock.family in (stdsocket.AF_INET, stdsocket.AF_INET6):
+            sock.setsockopt(stdsocket.IPPROTO_TCP, stdsocket.TCP_NODELAY, 1)
+        self.sock = sock
+        self._closed = False
+
+    @classmethod
+    def from_stream(cls, stream: trio.SocketStream) -> SocketTransport:
+        """Take over the socket of an accepted trio stream."""
+        sock = stream.socket
+        fd = sock.detach()
+        return cls(stdsocket.socket(sock.family, sock.type, sock.proto, fileno=fd))
+
+    @property
+    def peer(self) -> str:
+        try:
+            peer = self.sock.getpeername()
+        except OSError:
+            return "?"
+        if isinstance(peer, tuple):
+            return f"{peer[0]}:{peer[1]}"
+        return "unix"
+
+    def _check(self) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("transport is closed")
+
+    def try_send(self, data: Buffer) -> int:
+        self._check()
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    def try_send_many(self, chunks: list[Buffer]) -> int:
+        self._check()
+        try:
+            return self.sock.sendmsg(chunks)
+        except BlockingIOError:
+            return 0
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def send_all(self, data: Buffer) -> None:
+        view = memoryview(data).cast("B")
+        pos = 0
+        n = view.nbytes
+        while pos < n:
+            sent = self.try_send(view[pos:])
+            pos += sent
+            if pos < n:
+                await trio.lowlevel.wait_writable(self.sock)
+        await trio.lowlevel.checkpoint_if_cancelled()
+
+    def try_receive(self, max_bytes: int) -> bytes | None:
+        self._check()
+        try:
+            return self.sock.recv(max_bytes)
+        except BlockingIOError:
+            return None
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        while True:
+            data = self.try_receive(max_bytes)
+            if data is not None:
+                return data
+            await trio.lowlevel.wait_readable(self.sock)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+class StreamTransport:
+    """Any trio Stream (TLS, in-memory); no fast path."""
+
+    def __init__(self, stream: trio.abc.Stream, peer: str = "?") -> None:
+        self.stream = stream
+        self._peer = peer
+
+    @property
+    def peer(self) -> str:
+        return self._peer
+
+    def try_send(self, data: Buffer) -> int:
+        return 0
+
+    def try_send_many(self, chunks: list[Buffer]) -> int:
+        return 0
+
+    async def send_all(self, data: Buffer) -> None:
+        await self.stream.send_all(data)
+
+    def try_receive(self, max_bytes: int) -> bytes | None:
+        return None
+
+    async def receive_some(self, max_bytes: int) -> bytes:
+        return bytes(await self.stream.receive_some(max_bytes))
+
+    async def aclose(self) -> None:
+        await trio.aclose_forcefully(self.stream)

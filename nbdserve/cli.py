@@ -38,8 +38,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (NbdServeError, OSError) as exc:
         print(f"nbdserve: error: {exc}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # trio nurseries wrap startup errors; a user error still gets one line
+        user_error = _first_user_error(group)
+        if user_error is None:
+            raise
+        print(f"nbdserve: error: {user_error}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
+
+
+def _first_user_error(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            found = _first_user_error(exc)
+            if found is not None:
+                return found
+        elif isinstance(exc, NbdServeError | OSError):
+            return exc
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -69,7 +69,9 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
                 raise BackingChainError(
                     f"backing chain of {path} is deeper than {options.max_depth}"
                 )
-            driver = await _open_layer(cur_path, fmt, read_only, options.probe_raw, settings, seen)
+            driver = await _open_layer(
+                cur_path, fmt, read_only, options.probe_raw, settings, seen, allowed
+            )
             layers.append(driver)
             if layers[:-1]:
                 layers[-2].set_backing(driver)
@@ -77,6 +79,15 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
             if ref is None:
                 break
             ref_path, ref_fmt = ref
+            if _is_nbd_reference(ref_path):
+                if len(layers) >= options.max_depth + 1:
+                    raise BackingChainError(
+                        f"backing chain of {path} is deeper than {options.max_depth}"
+                    )
+                nbd_layer = await _open_nbd_backing(cur_path, ref_path, ref_fmt, options)
+                layers.append(nbd_layer)
+                layers[-2].set_backing(nbd_layer)
+                break
             cur_path = resolve_backing_path(cur_path, ref_path, allowed)
             fmt = ref_fmt
             read_only = True
@@ -107,6 +118,7 @@ async def _open_layer(
     probe_raw: bool,
     settings: dict[str, object],
     seen: set[tuple[int, int]],
+    allowed: Sequence[str] | None = None,
 ) -> FormatDriver:
     file = FileBackend.open(path, read_only=read_only)
     try:
@@ -119,7 +131,10 @@ async def _open_layer(
             header = bytes(await file.pread(0, formats.PROBE_SIZE))
             fmt = formats.probe(header, allow_raw=probe_raw)
         module = formats.load(fmt)
-        driver = await module.open_image(file, formats.OpenOptions(read_only, settings))
+        open_options = formats.OpenOptions(
+            read_only, settings, allowed_dirs=None if allowed is None else tuple(allowed)
+        )
+        driver = await module.open_image(file, open_options)
         LOGGER.debug("opened %s as %s (read_only=%s)", path, fmt, read_only)
         return driver
     except UnknownFormatError as exc:
@@ -133,6 +148,34 @@ async def _open_layer(
     except BaseException:
         await file.aclose()
         raise
+
+
+def _is_nbd_reference(ref: str) -> bool:
+    return ref.split(":", 1)[0].lower() in ("nbd", "nbds", "nbd+unix", "nbds+unix")
+
+
+async def _open_nbd_backing(
+    overlay_path: str, ref: str, fmt: str | None, options: ChainOptions
+) -> FormatDriver:
+    """An ``nbd://`` / ``nbd+unix://`` base, only where the export's settings allow it.
+
+    An image is untrusted: by default it must not make the server connect
+    anywhere, so ``settings["allow_nbd_backing"]`` must be true.
+    """
+    if not options.settings.get("allow_nbd_backing"):
+        raise BackingChainError(
+            f"backing file {ref!r} of {overlay_path} is an NBD export; this export's "
+            "settings do not allow NBD backing (allow_nbd_backing)"
+        )
+    if fmt not in (None, "", "raw"):
+        raise BackingChainError(
+            f"backing file {ref!r} of {overlay_path}: format {fmt!r} over NBD is not supported"
+        )
+    from nbdserve.block.nbdclient import open_nbd_uri
+
+    driver = await open_nbd_uri(ref)
+    LOGGER.debug("opened NBD backing %s for %s", ref, overlay_path)
+    return driver
 
 
 def _allowed_dirs(top_path: str, backing_dirs: Sequence[str] | None) -> list[str]:

@@ -29,6 +29,9 @@ class OpenOptions:
     read_only: bool = False
     # format-specific settings, e.g. parallels prealloc_mode, fvd prefetch knobs
     settings: Mapping[str, object] = field(default_factory=dict)
+    # directories the image's own file references (e.g. an FVD data_file) may
+    # resolve into; None: the image's own directory (as chain.py does)
+    allowed_dirs: tuple[str, ...] | None = None
 
 
 class FormatModule(Protocol):

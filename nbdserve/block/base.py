@@ -142,6 +142,15 @@ class BlockDriver(trio.abc.AsyncResource):
         """
         return self.try_readinto
 
+    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, host offset) when the range can be sent straight from a file.
+
+        Only when the guest range is stored verbatim and contiguously in one
+        host file, holds no hole worth reporting, and is resident in the page
+        cache (so a sendfile cannot wait on the disk).  Must not block.
+        """
+        return None
+
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         """Write ``data``; not atomic across the range.  Durable on return with fua."""
         raise ReadOnlyError("read-only layer")

@@ -126,6 +126,12 @@ class BlockDevice:
             return None
         return self.top.fast_reader()
 
+    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+        """See BlockDriver.zero_copy_region; None for devices that transform data."""
+        if self._align > 1 or length > self._max:
+            return None
+        return self.top.zero_copy_region(offset, length)
+
     async def readinto(self, offset: int, view: memoryview) -> None:
         n = len(view)
         self._check_range(offset, n)

@@ -42,6 +42,24 @@ _fallocate.restype = ctypes.c_int
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
 
+# cachestat(2) (Linux 6.5+) tells how much of a file range is in the page cache
+_SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine)
+_libc.syscall.restype = ctypes.c_long
+
+
+class _CachestatRange(ctypes.Structure):
+    _fields_ = (("off", ctypes.c_uint64), ("len", ctypes.c_uint64))  # type: ignore[mutable-override]
+
+
+class _Cachestat(ctypes.Structure):
+    _fields_ = (  # type: ignore[mutable-override]
+        ("nr_cache", ctypes.c_uint64),
+        ("nr_dirty", ctypes.c_uint64),
+        ("nr_writeback", ctypes.c_uint64),
+        ("nr_evicted", ctypes.c_uint64),
+        ("nr_recently_evicted", ctypes.c_uint64),
+    )
+
 
 def _fallocate_or_raise(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
@@ -65,6 +83,7 @@ class FileBackend:
         self._nowait = _RWF_NOWAIT != 0
         self._punch_ok = True
         self._zero_range_ok = True
+        self._cachestat_ok = True
         self._closed = False
 
     @classmethod
@@ -136,6 +155,29 @@ class FileBackend:
                 pos += got
         except OSError as exc:
             raise from_os_error(exc, f"read {self.path}") from exc
+
+    def is_cached(self, offset: int, length: int) -> bool:
+        """True when every page of the range is in the page cache (cachestat).
+
+        False when unknown: callers use it to decide that a sendfile of the
+        range cannot wait on the disk, so "don't know" must mean "might".
+        """
+        if _SYS_CACHESTAT is None or not self._cachestat_ok:
+            return False
+        rng = _CachestatRange(offset, length)
+        out = _Cachestat()
+        if _libc.syscall(_SYS_CACHESTAT, self.fd, ctypes.byref(rng), ctypes.byref(out), 0):
+            self._cachestat_ok = False
+            return False
+        pages = (offset + length + _PAGE - 1) // _PAGE - offset // _PAGE
+        return bool(out.nr_cache >= pages)
+
+    def all_data(self, offset: int, length: int) -> bool:
+        """True when the range holds no hole (one SEEK_HOLE)."""
+        try:
+            return os.lseek(self.fd, offset, os.SEEK_HOLE) >= offset + length
+        except OSError:
+            return False
 
     async def pread(self, offset: int, length: int) -> bytearray:
         buf = bytearray(length)
@@ -300,6 +342,7 @@ class FileBackend:
 
 
 _ZEROS = bytes(1 << 20)
+_PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def _block_device_size(fd: int) -> int:

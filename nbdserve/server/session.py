@@ -23,7 +23,7 @@ taken back, so the connection is closed rather than corrupted.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import trio
 
@@ -46,6 +46,17 @@ _JOIN_LIMIT = 64 * 1024
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
 _FUA = int(CmdFlag.FUA)
+
+
+# reads at least this large go out with sendfile when the device allows it
+ZERO_COPY_MIN = 64 * 1024
+
+
+class _FileReply(NamedTuple):
+    header: bytes
+    fd: int
+    offset: int
+    length: int
 
 
 class Session:
@@ -157,6 +168,21 @@ class Session:
                 continue
             await self.transport.send_all(memoryview(chunk)[sent:])
             sent = 0
+
+    async def _send_file(self, reply: _FileReply) -> None:
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self.transport.send_file(reply.header, reply.fd, reply.offset, reply.length)
+        except BaseException:
+            self.conn.send_failed()
+            self._reader_scope.cancel()
+            raise
+        finally:
+            lock.release()
 
     async def _receive(self) -> None:
         data = self.transport.try_receive(RECEIVE_SIZE)
@@ -297,12 +323,15 @@ class Session:
                 continue
             self.requests += len(events)
             out: list[bytes | bytearray | memoryview] = []
+            files: list[_FileReply] = []
             if self.registry.shutting_down:
                 deferred = self._refuse_all(events, out)
             else:
-                deferred = self._answer_inline(events, device, out)
+                deferred = self._answer_inline(events, device, out, files)
             if out:
                 await self._send(out)
+            for file_reply in files:
+                await self._send_file(file_reply)
             for req in deferred:
                 await self._spawn(nursery, req, device)
             last = events[-1]
@@ -314,8 +343,12 @@ class Session:
         events: list[object],
         device: BlockDevice,
         out: list[bytes | bytearray | memoryview],
+        files: list[_FileReply],
     ) -> list[ev.Request]:
         """Answer what can be answered without blocking; return the rest.
+
+        Large reads of page-cached, verbatim-stored data become ``files``
+        entries, sent with sendfile after ``out``.
 
         This is the per-request hot path: everything it needs is bound to
         locals once per batch.
@@ -329,11 +362,18 @@ class Session:
         pack_header = conn.reply_read_header_into
         try_write = device.try_write
         reply_ok = conn.reply_ok
+        zero_copy = device.zero_copy_region
         deferred: list[ev.Request] = []
         for event in events:
             if type(event) is request_t:
                 req: ev.Request = event
                 cmd = req.cmd
+                if cmd == read_cmd and req.length >= ZERO_COPY_MIN:
+                    region = zero_copy(req.offset, req.length)
+                    if region is not None:
+                        header = conn.reply_read_header(req.handle, req.offset, req.length)
+                        files.append(_FileReply(header, region[0], region[1], req.length))
+                        continue
                 if cmd == read_cmd and reader is not None and req.length < inline_max:
                     n = req.length
                     buf = bytearray(hsize + n)

@@ -12,6 +12,7 @@ in tests) and simply has no fast path.
 
 from __future__ import annotations
 
+import os
 import socket as stdsocket
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,6 +38,10 @@ class Transport(Protocol):
         ...
 
     async def receive_some(self, max_bytes: int) -> bytes: ...
+
+    async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
+        """``header``, then ``count`` bytes of file ``fd`` from ``offset``."""
+        ...
 
     async def aclose(self) -> None: ...
 
@@ -107,6 +112,29 @@ class SocketTransport:
                 await trio.lowlevel.wait_writable(self.sock)
         await trio.lowlevel.checkpoint_if_cancelled()
 
+    async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
+        """Zero-copy: the header with MSG_MORE, then sendfile(2) from the page cache."""
+        self._check()
+        try:
+            sent = self.sock.send(header, stdsocket.MSG_MORE)
+        except BlockingIOError:
+            sent = 0
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+        if sent < len(header):
+            await self.send_all(memoryview(header)[sent:])
+        out_fd = self.sock.fileno()
+        end = offset + count
+        while offset < end:
+            try:
+                offset += os.sendfile(out_fd, fd, offset, end - offset)
+                continue
+            except BlockingIOError:
+                pass
+            except _BROKEN as exc:
+                raise trio.BrokenResourceError(str(exc)) from exc
+            await trio.lowlevel.wait_writable(self.sock)
+
     def try_receive(self, max_bytes: int) -> bytes | None:
         self._check()
         try:
@@ -157,6 +185,10 @@ class StreamTransport:
 
     async def receive_some(self, max_bytes: int) -> bytes:
         return bytes(await self.stream.receive_some(max_bytes))
+
+    async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
+        data = await trio.to_thread.run_sync(os.pread, fd, count, offset)
+        await self.stream.send_all(header + data)
 
     async def aclose(self) -> None:
         await trio.aclose_forcefully(self.stream)

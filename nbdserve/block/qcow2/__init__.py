@@ -1,0 +1,671 @@
+"""The qcow2 format driver (QEMU's block/qcow2.c): open, read, write, status, close.
+
+Design notes
+------------
+* Opening validates every header field against the spec, QEMU's limits and
+  the file size (structs.py); tables are loaded lazily through bounded caches,
+  so an image's size costs nothing until it is touched.
+* ``_meta`` (a ``trio.Lock``) covers the active L1 table, the L2 cache, the
+  refcount table and cache, the allocator and the header fields that change
+  (refcount table location).  Data I/O runs outside it.
+* ``_ranges`` (a :class:`RangeLock` over guest cluster indexes) serialises
+  every request that may change the mapping of a cluster: writes, zeroing,
+  discards.  Two writers of the same unallocated cluster therefore never both
+  allocate it; reads take no range lock.
+* A write either hits clusters it may overwrite in place (allocated, COPIED,
+  not compressed), or it allocates: COW data is read through the normal read
+  path (backing, zeros, old cluster, decompression), the full buffer is
+  written to the new host clusters, and only then, in a shielded scope, the
+  L2 entries are set and old references dropped.  Refcounts reach the file
+  before the L2 entries using them (cache.py), L2 tables before the L1 entry
+  pointing at them, and decrements after the L2 entries that dropped the
+  references (refcount.py).  The image's refcounts are always exact, so the
+  dirty bit is never set.
+* Metadata found inconsistent raises ``CorruptImageError`` for the request;
+  the driver is then marked failed and refuses further writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import zlib
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import trio
+
+from nbdserve.block.base import (
+    Capabilities,
+    Extent,
+    FormatDriver,
+    Limits,
+    Status,
+    Support,
+    fill_zeros,
+)
+from nbdserve.block.qcow2.cache import TableCache
+from nbdserve.block.qcow2.cluster import (
+    ClusterMap,
+    Geometry,
+    Run,
+    RunKind,
+)
+from nbdserve.block.qcow2.locks import RangeLock
+from nbdserve.block.qcow2.refcount import Refcounts
+from nbdserve.block.qcow2.structs import (
+    AUTOCLEAR_DATA_FILE_RAW,
+    COMPAT_LAZY_REFCOUNTS,
+    COMPRESSION_NAMES,
+    COMPRESSION_ZSTD,
+    HDR_REFCOUNT_TABLE_OFFSET,
+    INCOMPAT_CORRUPT,
+    INCOMPAT_DATA_FILE,
+    INCOMPAT_DIRTY,
+    L2E_OFFSET_MASK,
+    QCOW_L2_BITMAP_ALL_ALLOC,
+    QCOW_L2_BITMAP_ALL_ZEROES,
+    QCOW_MAGIC_BYTES,
+    QCOW_OFLAG_COMPRESSED,
+    QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
+    HeaderExtensions,
+    Qcow2Header,
+    pack_u64,
+    parse_extensions,
+    parse_snapshot_table,
+    snapshot_table_max_size,
+)
+from nbdserve.errors import (
+    CorruptImageError,
+    InvalidImageError,
+    NotSupportedError,
+    ReadOnlyError,
+)
+
+if TYPE_CHECKING:
+    from nbdserve.block.base import Buffer
+    from nbdserve.block.file import FileBackend
+    from nbdserve.block.formats import OpenOptions
+
+LOGGER = logging.getLogger(__name__)
+
+DEFAULT_L2_CACHE_BYTES = 32 * 1024 * 1024
+DEFAULT_REFBLOCK_CACHE = 64
+# decompressed clusters kept for sequential small reads of compressed images
+COMPRESSED_CACHE_ENTRIES = 4
+# block_status maps at most this many L2 tables per call (a shorter answer is legal)
+STATUS_MAX_TABLES = 64
+# decompress in a thread above this cluster size
+INLINE_DECOMPRESS_MAX = 256 * 1024
+
+
+def probe(header: bytes) -> bool:
+    return header[:4] == QCOW_MAGIC_BYTES
+
+
+async def open_image(file: FileBackend, options: OpenOptions) -> Qcow2Driver:
+    driver = Qcow2Driver(file, read_only=options.read_only or file.read_only)
+    try:
+        await driver.open(dict(options.settings))
+    except BaseException:
+        await driver.close_files()
+        raise
+    return driver
+
+
+class Qcow2Driver(FormatDriver):
+    """One qcow2 layer.  See the module docstring for the locking rules."""
+
+    format_name = "qcow2"
+
+    def __init__(self, file: FileBackend, *, read_only: bool) -> None:
+        super().__init__(file, read_only=read_only)
+        self.data_file: FileBackend = file
+        self._own_data_file = False
+        self._meta = trio.Lock()
+        self._ranges = RangeLock()
+        self._failed: str | None = None
+        self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+        self.header: Qcow2Header
+        self.extensions: HeaderExtensions
+        self.backing_file: str | None = None
+        self._metadata_prealloc: bool | None = None
+
+    # ---- open ---------------------------------------------------------------------
+
+    async def open(self, settings: dict[str, object]) -> None:
+        file = self._file
+        file_size = file.refresh_size()
+        if file_size < 72:
+            raise InvalidImageError(f"qcow2 image is truncated ({file_size} bytes)")
+        head = bytes(await file.pread(0, min(file_size, 4096)))
+        header = Qcow2Header.from_bytes(head)
+        if not 9 <= header.cluster_bits <= 21:
+            raise InvalidImageError(f"unsupported cluster size 2^{header.cluster_bits}")
+        cluster0 = bytes(await file.pread(0, min(file_size, header.cluster_size)))
+        if header.version == 3 and header.header_length > len(cluster0):
+            raise InvalidImageError("qcow2 header is truncated")
+        self.extensions = parse_extensions(header, cluster0)
+        header.validate(file_size, self.extensions.feature_names)
+        self.header = header
+        if header.backing_file_offset:
+            raw = cluster0[
+                header.backing_file_offset : header.backing_file_offset + header.backing_file_size
+            ]
+            self.backing_file = raw.decode("utf-8", "replace") or None
+        self._check_open_mode(header)
+        if header.incompatible_features & INCOMPAT_DATA_FILE:
+            await self._open_data_file(settings)
+        self.size = header.size
+        g = Geometry(
+            header.cluster_bits,
+            header.extended_l2,
+            header.version >= 3,
+            external_data=self.data_file is not self.file,
+        )
+        self.g = g
+        l1 = np.frombuffer(
+            bytes(await file.pread(header.l1_table_offset, header.l1_size * 8)), dtype=">u8"
+        ).copy()
+        reftable_len = header.refcount_table_clusters * header.cluster_size // 8
+        reftable = np.frombuffer(
+            bytes(await file.pread(header.refcount_table_offset, reftable_len * 8)), dtype=">u8"
+        ).copy()
+        cache_bytes = int(str(settings.get("l2_cache_size", DEFAULT_L2_CACHE_BYTES)))
+        l2_cache = TableCache(
+            file,
+            header.cluster_size,
+            max(2, cache_bytes // header.cluster_size),
+            lambda raw: np.frombuffer(raw, dtype=">u8").copy(),
+            lambda t: t.data.cast("B"),
+            "l2",
+        )
+        self.cmap = ClusterMap(g, l1, header.l1_table_offset, l2_cache, header.size, 0)
+        self.refcounts = Refcounts(
+            file,
+            cluster_bits=header.cluster_bits,
+            refcount_order=header.refcount_order,
+            reftable_offset=header.refcount_table_offset,
+            reftable=reftable,
+            cache_capacity=DEFAULT_REFBLOCK_CACHE,
+        )
+        self.snapshots = await self._load_snapshots(header)
+        self._wire_ordering()
+        self._update_limits()
+        self._setup_capabilities()
+
+    def _check_open_mode(self, header: Qcow2Header) -> None:
+        if self.read_only:
+            return
+        if header.incompatible_features & INCOMPAT_CORRUPT:
+            raise InvalidImageError(
+                "image is marked corrupt (incompatible bit 1); it can only be opened read-only "
+                "until repaired (nbdserve img check -r all)"
+            )
+        if header.incompatible_features & INCOMPAT_DIRTY:
+            raise InvalidImageError(
+                "image has the dirty bit set (its refcounts need rebuilding); open it "
+                "read-only or repair it first (nbdserve img check -r all)"
+            )
+        if self.extensions.has_bitmaps:
+            raise InvalidImageError(
+                "images with persistent dirty bitmaps can only be opened read-only"
+            )
+
+    async def _open_data_file(self, settings: dict[str, object]) -> None:
+        from nbdserve.block.chain import resolve_backing_path
+        from nbdserve.block.file import FileBackend
+
+        name = self.extensions.data_file
+        if not name:
+            raise InvalidImageError("image needs an external data file but does not name one")
+        image_dir = os.path.dirname(os.path.realpath(self._file.path))
+        dirs = settings.get("backing_dirs")
+        allowed = (
+            [os.path.realpath(str(d)) for d in dirs]
+            if isinstance(dirs, list | tuple)
+            else [image_dir]
+        )
+        try:
+            path = resolve_backing_path(self._file.path, name, allowed)
+        except Exception as exc:
+            raise InvalidImageError(f"external data file: {exc}") from exc
+        self.data_file = FileBackend.open(path, read_only=self.read_only)
+        self._own_data_file = True
+
+    async def _load_snapshots(self, header: Qcow2Header) -> list[tuple[int, int]]:
+        """(offset, byte length) of the snapshot table and each snapshot's L1 table."""
+        if not header.nb_snapshots:
+            return []
+        want = min(
+            snapshot_table_max_size(header.nb_snapshots), self._file.size - header.snapshots_offset
+        )
+        raw = bytes(await self._file.pread(header.snapshots_offset, want))
+        entries = parse_snapshot_table(raw, header.nb_snapshots)
+        out = [(header.snapshots_offset, sum(e.entry_size for e in entries))]
+        out.extend((e.l1_table_offset, e.l1_size * 8) for e in entries)
+        return out
+
+    def _wire_ordering(self) -> None:
+        """Express the write-ordering rules of the module docstring as cache hooks."""
+        refcounts = self.refcounts
+        l2_cache = self.cmap.l2_cache
+        l2_cache.before_write = refcounts.flush
+        refcounts.before_decrement = l2_cache.flush
+        refcounts.on_reftable_moved = self._write_reftable_location
+        refcounts.protected = self._metadata_ranges
+
+    def _metadata_ranges(self) -> list[tuple[int, int]]:
+        h = self.header
+        cs = h.cluster_size
+        out = [
+            (0, cs),
+            (self.cmap.l1_offset, self.cmap.l1_offset + len(self.cmap.l1) * 8),
+            (
+                self.refcounts.reftable_offset,
+                self.refcounts.reftable_offset + len(self.refcounts.reftable) * 8,
+            ),
+        ]
+        out.extend((off, off + length) for off, length in self.snapshots if length)
+        return out
+
+    async def _write_reftable_location(self, offset: int, clusters: int) -> None:
+        await self._file.pwrite(HDR_REFCOUNT_TABLE_OFFSET, struct.pack(">QI", offset, clusters))
+        self.header = self.header.with_fields(
+            refcount_table_offset=offset, refcount_table_clusters=clusters
+        )
+
+    def _update_limits(self) -> None:
+        """Host offsets at or past the file's last cluster are corrupt metadata."""
+        cs = self.header.cluster_size
+        limit = -(-self._file.size // cs) * cs
+        self.cmap.l2_limit = limit
+        self.cmap.host_limit = None if self.data_file is not self.file else limit
+
+    def _setup_capabilities(self) -> None:
+        cs = self.header.cluster_size
+        self.limits = Limits(
+            request_alignment=1,
+            max_transfer=32 * 1024 * 1024,
+            preferred=max(4096, min(cs, 2 * 1024 * 1024)),
+            discard_alignment=cs,
+        )
+        writable = not self.read_only
+        self.caps = Capabilities(
+            writable=writable,
+            flush=True,
+            discard=writable,
+            zero=Support.NATIVE if writable else Support.NONE,
+            fast_zero=writable,
+            fua=Support.EMULATE,
+            cache=True,
+            multi_conn=True,
+            supports_backing=True,
+        )
+
+    # ---- identity -------------------------------------------------------------------
+
+    @property
+    def backing_reference(self) -> tuple[str, str | None] | None:
+        if not self.backing_file:
+            return None
+        return self.backing_file, self.extensions.backing_format
+
+    @property
+    def _file(self) -> FileBackend:
+        assert self.file is not None
+        return self.file
+
+    @property
+    def _raw_data_file(self) -> bool:
+        return self.data_file is not self.file and bool(
+            self.header.autoclear_features & AUTOCLEAR_DATA_FILE_RAW
+        )
+
+    def describe(self) -> dict[str, object]:
+        h = self.header
+        data: dict[str, object] = {
+            "compat": "1.1" if h.version >= 3 else "0.10",
+            "compression-type": COMPRESSION_NAMES[h.compression_type],
+            "refcount-bits": h.refcount_bits,
+        }
+        if h.version >= 3:
+            data["lazy-refcounts"] = bool(h.compatible_features & COMPAT_LAZY_REFCOUNTS)
+            data["corrupt"] = bool(h.incompatible_features & INCOMPAT_CORRUPT)
+            data["extended-l2"] = h.extended_l2
+        if self.extensions.data_file:
+            data["data-file"] = self.extensions.data_file
+            data["data-file-raw"] = self._raw_data_file
+        return {
+            "format": "qcow2",
+            "virtual-size": self.size,
+            "cluster-size": h.cluster_size,
+            "dirty-flag": bool(h.incompatible_features & INCOMPAT_DIRTY),
+            "snapshot-count": h.nb_snapshots,
+            "format-specific": {"type": "qcow2", "data": data},
+        }
+
+    def statistics(self):  # type: ignore[no-untyped-def]
+        from nbdserve.block.base import DriverStatistics
+
+        stats = DriverStatistics()
+        stats.extra.update(self.cmap.l2_cache.statistics())
+        stats.extra.update(self.refcounts.cache.statistics())
+        return stats
+
+    # ---- mapping ---------------------------------------------------------------------
+
+    async def _map(self, offset: int, length: int) -> list[Run]:
+        """This layer's runs for [offset, +length) (QEMU qcow2_get_host_offset)."""
+        async with self._meta:
+            return await self.cmap.map_runs(offset, length)
+
+    # ---- reads -------------------------------------------------------------------------
+
+    def try_readinto(self, offset: int, buf: memoryview) -> bool:
+        host = self.cmap.peek_host(offset, len(buf))
+        if host < 0:
+            return False
+        return self.data_file.try_pread_into(host, buf)
+
+    async def readinto(self, offset: int, buf: memoryview) -> None:
+        self._check_open()
+        runs = await self._map(offset, len(buf))
+        for run in runs:
+            view = buf[run.guest_offset - offset : run.end - offset]
+            await self._read_run(run, view)
+
+    async def _read_run(self, run: Run, view: memoryview) -> None:
+        kind = run.kind
+        if kind == RunKind.NORMAL:
+            await self.data_file.pread_into(run.host_offset, view)
+        elif kind == RunKind.UNALLOCATED:
+            await self._read_backing(run.guest_offset, view)
+        elif kind == RunKind.COMPRESSED:
+            data = await self._decompress(run.l2_entry)
+            start = run.guest_offset & (self.header.cluster_size - 1)
+            view[:] = data[start : start + len(view)]
+        else:
+            fill_zeros(view)
+            await trio.lowlevel.checkpoint()
+
+    async def _decompress(self, l2_entry: int) -> bytes:
+        cached = self._decompressed.get(l2_entry)
+        if cached is not None:
+            self._decompressed.move_to_end(l2_entry)
+            await trio.lowlevel.checkpoint()
+            return cached
+        host, nbytes = self.g.compressed_extent(l2_entry)
+        cs = self.header.cluster_size
+        if host + nbytes > self._file.size + 512 or nbytes > 2 * cs + 512:
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x} lies past the end of the file"
+            )
+        raw = bytes(await self._file.pread(host, nbytes))
+        if cs > INLINE_DECOMPRESS_MAX:
+            data = await trio.to_thread.run_sync(self._decompress_sync, raw, host)
+        else:
+            data = self._decompress_sync(raw, host)
+        self._decompressed[l2_entry] = data
+        while len(self._decompressed) > COMPRESSED_CACHE_ENTRIES:
+            self._decompressed.popitem(last=False)
+        return data
+
+    def _decompress_sync(self, raw: bytes, host: int) -> bytes:
+        cs = self.header.cluster_size
+        try:
+            if self.header.compression_type == COMPRESSION_ZSTD:
+                import zstandard
+
+                dobj = zstandard.ZstdDecompressor().decompressobj()
+                data = dobj.decompress(raw)
+            else:
+                d = zlib.decompressobj(-12)
+                data = d.decompress(raw, cs)
+        except (zlib.error, Exception) as exc:
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x} does not decompress: {exc}"
+            ) from None
+        if len(data) < cs:
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x} decompresses to {len(data)} bytes, not {cs}"
+            )
+        return data[:cs]
+
+    # ---- block status ---------------------------------------------------------------------
+
+    async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
+        self._check_open()
+        span = 1 << self.g.l2_span_bits
+        cap = min(length, self.size - offset)
+        # bound the work per call by the number of L2 tables that may be mapped
+        limit_end = ((offset >> self.g.l2_span_bits) + STATUS_MAX_TABLES) * span
+        runs = await self._map(offset, min(cap, max(1, limit_end - offset)))
+        if self._metadata_prealloc is None:
+            self._metadata_prealloc = await self._detect_metadata_preallocation()
+        out: list[Extent] = []
+        for run in runs:
+            for ext in self._run_status(run):
+                if out and out[-1].status == ext.status and out[-1].end == ext.offset:
+                    out[-1] = Extent(out[-1].offset, out[-1].length + ext.length, ext.status)
+                else:
+                    out.append(ext)
+        return out
+
+    def _run_status(self, run: Run) -> list[Extent]:
+        kind = run.kind
+        if kind == RunKind.UNALLOCATED:
+            return [Extent(run.guest_offset, run.length, Status.NONE)]
+        if kind in (RunKind.ZERO_PLAIN, RunKind.ZERO_ALLOC):
+            return [Extent(run.guest_offset, run.length, Status.ALLOCATED | Status.ZERO)]
+        if kind == RunKind.COMPRESSED:
+            return [Extent(run.guest_offset, run.length, Status.ALLOCATED | Status.DATA)]
+        if not self._metadata_prealloc:
+            return [Extent(run.guest_offset, run.length, Status.ALLOCATED | Status.DATA)]
+        # like QEMU, in preallocated images data clusters over host holes read as zeros
+        out = []
+        for host, n, is_data in self.data_file.data_extents(run.host_offset, run.length):
+            status = Status.ALLOCATED | Status.DATA | (Status.NONE if is_data else Status.ZERO)
+            out.append(Extent(run.guest_offset + host - run.host_offset, n, status))
+        return out
+
+    async def _detect_metadata_preallocation(self) -> bool:
+        """QEMU's heuristic (qcow2_detect_metadata_preallocation): the host file holds
+        fewer clusters than the refcounts claim, so data clusters may be holes."""
+        cs = self.header.cluster_size
+        real = max(1, os.fstat(self._file.fd).st_blocks * 512 // cs)
+        async with self._meta:
+            last = await self._last_used_cluster()
+        return real < last
+
+    async def _last_used_cluster(self) -> int:
+        refcounts = self.refcounts
+        file_clusters = -(-self._file.size // self.header.cluster_size)
+        used = np.flatnonzero(refcounts.reftable & np.uint64(0xFFFFFFFFFFFFFE00))
+        for bi in used[::-1].tolist():
+            first = bi << refcounts.block_shift
+            if first >= file_clusters:
+                continue
+            counts = await refcounts.get_range(
+                first, min(refcounts.entries_per_block, file_clusters - first)
+            )
+            nz = np.flatnonzero(counts)
+            if len(nz):
+                last: int = first + int(nz[-1])
+                return last
+        return 0
+
+    # ---- writes --------------------------------------------------------------------------
+
+    def _check_writable(self) -> None:
+        self._check_open()
+        if self.read_only:
+            raise ReadOnlyError("qcow2 image is open read-only")
+        if self._failed is not None:
+            raise CorruptImageError(f"image is marked failed: {self._failed}")
+
+    def _cluster_range(self, offset: int, length: int) -> tuple[int, int]:
+        cb = self.header.cluster_bits
+        return offset >> cb, ((offset + length - 1) >> cb) + 1
+
+    def try_write(self, offset: int, data: Buffer, *, fua: bool = False) -> bool:
+        if fua or self.read_only or self._failed is not None or self._closed:
+            return False
+        n = memoryview(data).nbytes
+        c0, c1 = self._cluster_range(offset, n)
+        if c1 - c0 != 1 or not self._ranges.is_free(c0, c1):
+            return False
+        host = self.cmap.peek_host(offset, n)
+        if host < 0 or not self._in_place_ok(offset):
+            return False
+        return self.data_file.try_pwrite(host, data)
+
+    def _in_place_ok(self, offset: int) -> bool:
+        """Whether the (cached, allocated) cluster at ``offset`` may be overwritten."""
+        if self.data_file is not self.file:
+            return True
+        g = self.g
+        table = self.cmap.l2_cache.peek(
+            int(self.cmap.l1[offset >> g.l2_span_bits]) & L2E_OFFSET_MASK
+        )
+        if table is None:
+            return False
+        idx = (offset >> g.cluster_bits) & (g.l2_entries - 1)
+        entry = int(table[2 * idx] if g.extended_l2 else table[idx])
+        return bool(entry & QCOW_OFLAG_COPIED)
+
+    async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
+        self._check_writable()
+        mv = memoryview(data).cast("B")
+        c0, c1 = self._cluster_range(offset, mv.nbytes)
+        async with self._ranges.hold(c0, c1):
+            await self._write_locked(offset, mv)
+        if fua:
+            await self.flush()
+
+    async def _write_locked(self, offset: int, mv: memoryview) -> None:
+        """Write with the range lock held, one L2 table's span at a time."""
+        from nbdserve.block.qcow2.write import write_span
+
+        span_bits = self.g.l2_span_bits
+        pos = 0
+        n = mv.nbytes
+        while pos < n:
+            guest = offset + pos
+            span_end = ((guest >> span_bits) + 1) << span_bits
+            step = min(n - pos, span_end - guest)
+            await write_span(self, guest, mv[pos : pos + step])
+            pos += step
+
+    async def write_zeroes(
+        self,
+        offset: int,
+        length: int,
+        *,
+        may_unmap: bool = False,
+        fua: bool = False,
+        fast: bool = False,
+    ) -> None:
+        from nbdserve.block.qcow2.write import zero_range
+
+        self._check_writable()
+        if self._raw_data_file:
+            # the raw data file must hold the guest's bytes, so zeros are written as data
+            raise NotSupportedError("zeroing images with a raw external data file writes data")
+        c0, c1 = self._cluster_range(offset, length)
+        async with self._ranges.hold(c0, c1):
+            await zero_range(self, offset, length, may_unmap=may_unmap, fast=fast)
+        if fua:
+            await self.flush()
+
+    async def discard(self, offset: int, length: int) -> None:
+        from nbdserve.block.qcow2.write import discard_range
+
+        self._check_writable()
+        if self._raw_data_file:
+            await trio.lowlevel.checkpoint()
+            return
+        c0, c1 = self._cluster_range(offset, length)
+        async with self._ranges.hold(c0, c1):
+            await discard_range(self, offset, length)
+
+    # ---- flush and close -------------------------------------------------------------------
+
+    async def _flush_metadata(self) -> None:
+        """Write cached metadata in dependency order (refcounts, then L2)."""
+        with trio.CancelScope(shield=True):
+            async with self._meta:
+                await self.refcounts.flush()
+                await self.cmap.l2_cache.flush()
+
+    async def flush(self) -> None:
+        self._check_open()
+        if self.read_only:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._flush_metadata()
+        if self.data_file is not self.file:
+            await self.data_file.sync()
+        await self._file.sync()
+
+    async def aclose(self) -> None:
+        if self._closed:
+            await trio.lowlevel.checkpoint()
+            return
+        self._closed = True
+        try:
+            if not self.read_only and hasattr(self, "cmap"):
+                await self._flush_metadata()
+                if self.data_file is not self.file:
+                    await self.data_file.sync()
+                await self._file.sync()
+        finally:
+            await self.close_files()
+
+    async def close_files(self) -> None:
+        self._closed = True
+        try:
+            if self._own_data_file:
+                self._own_data_file = False
+                await self.data_file.aclose()
+        finally:
+            await self._file.aclose()
+
+    # ---- helpers used by write.py -----------------------------------------------------------
+
+    def mark_failed(self, reason: str) -> None:
+        if self._failed is None:
+            LOGGER.error("qcow2 %s: %s; refusing further writes", self._file.path, reason)
+            self._failed = reason
+
+    async def write_l1_entry(self, l1_index: int, value: int) -> None:
+        self.cmap.l1[l1_index] = np.uint64(value)
+        await self._file.pwrite(self.cmap.l1_offset + 8 * l1_index, pack_u64(value))
+
+
+async def create_image(
+    path: str,
+    size: int,
+    options: dict[str, str],
+    backing: str | None = None,
+    backing_fmt: str | None = None,
+) -> None:
+    from nbdserve.block.qcow2.create import create
+
+    await create(path, size, options, backing, backing_fmt)
+
+
+__all__ = [
+    "QCOW_L2_BITMAP_ALL_ALLOC",
+    "QCOW_L2_BITMAP_ALL_ZEROES",
+    "QCOW_OFLAG_COMPRESSED",
+    "QCOW_OFLAG_ZERO",
+    "Qcow2Driver",
+    "create_image",
+    "open_image",
+    "probe",
+]

@@ -96,6 +96,8 @@ _BATCH_ENDERS = (ev.Disconnect, ev.ConnectionClosed)
 
 DEFAULT_MAX_OPTION_SIZE = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
+# WRITE payloads at least this large are received into a buffer of their own
+LARGE_PAYLOAD = 64 * 1024
 
 
 class ServerConnection:
@@ -130,6 +132,7 @@ class ServerConnection:
         self._tx_flags = TxFlag(0)
         self._min_block = 1
         self._tstate: TransmissionState | None = None
+        self._payload: _Payload | None = None
         self._greeted = False
         self._transmitted = False  # TRANSMISSION was entered (CLOSED may follow it)
 
@@ -183,6 +186,27 @@ class ServerConnection:
         flags = HsFlag.FIXED_NEWSTYLE | HsFlag.NO_ZEROES
         return struct.pack(">QQH", NBDMAGIC, IHAVEOPT, flags)
 
+    def receive_buffer(self) -> memoryview | None:
+        """Where the next received bytes should land directly, or None.
+
+        While a large WRITE payload is being collected this is the rest of
+        that payload's own buffer, so the transport can ``recv_into`` it and
+        the payload is never copied inside the process.  After writing ``n``
+        bytes into it, call :meth:`commit_received`.  None: use receive_data.
+        """
+        target = self._payload
+        if target is None:
+            return None
+        return memoryview(target.data)[target.filled :]
+
+    def commit_received(self, n: int) -> None:
+        target = self._payload
+        if target is None or n < 0 or target.filled + n > len(target.data):
+            raise LocalProtocolError("commit_received without a matching receive_buffer")
+        if n == 0:
+            self._eof = True
+        target.filled += n
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             self._eof = True
@@ -192,6 +216,14 @@ class ServerConnection:
         if self._skip:
             n = min(self._skip, len(data))
             self._skip -= n
+            data = memoryview(data)[n:]
+            if not data:
+                return
+        target = self._payload
+        if target is not None:
+            n = min(len(target.data) - target.filled, len(data))
+            target.data[target.filled : target.filled + n] = memoryview(data)[:n]
+            target.filled += n
             data = memoryview(data)[n:]
             if not data:
                 return
@@ -397,6 +429,8 @@ class ServerConnection:
         return self._tstate
 
     def _read_request(self) -> object:
+        if self._payload is not None:
+            return self._finish_payload()
         buf = self._buf
         pos = self._pos
         avail = len(buf) - pos
@@ -440,6 +474,8 @@ class ServerConnection:
             reason = bad[1] if bad else f"write of {length} bytes is too large"
             return ev.InvalidRequest(handle, _WRITE, flags, offset, length, NbdErrno.EINVAL, reason)
         if self.buffered < hsize + length:
+            if length >= LARGE_PAYLOAD and bad is None:
+                return self._start_payload(hsize, flags, handle, offset, length)
             return self._eof_or(ev.NEED_DATA, "inside a write payload")
         start = self._pos + hsize
         payload = bytes(memoryview(self._buf)[start : start + length])
@@ -449,6 +485,30 @@ class ServerConnection:
         if bad is not None:
             return ev.InvalidRequest(handle, _WRITE, flags, offset, length, bad[0], bad[1])
         return ev.Request(handle, _WRITE, flags, offset, length, payload)
+
+    def _start_payload(
+        self, hsize: int, flags: int, handle: int, offset: int, length: int
+    ) -> object:
+        """Collect a large payload in its own buffer (see receive_buffer)."""
+        start = self._pos + hsize
+        have = min(len(self._buf) - start, length)
+        target = _Payload(bytearray(length), 0, handle, flags, offset)
+        target.data[:have] = memoryview(self._buf)[start : start + have]
+        target.filled = have
+        self._pos = start + have
+        self._compact()
+        self._payload = target
+        return self._eof_or(ev.NEED_DATA, "inside a write payload")
+
+    def _finish_payload(self) -> object:
+        target = self._payload
+        assert target is not None
+        if target.filled < len(target.data):
+            return self._eof_or(ev.NEED_DATA, "inside a write payload")
+        self._payload = None
+        return ev.Request(
+            target.handle, _WRITE, target.flags, target.offset, len(target.data), target.data
+        )
 
     # ---- output ---------------------------------------------------------------
 
@@ -724,6 +784,19 @@ class ServerConnection:
         if not self._structured:
             raise LocalProtocolError("block status without structured replies")
         return self._block_status(handle, context_id, descriptors, done, req_offset)
+
+
+class _Payload:
+    """A large WRITE payload being received straight into its own buffer."""
+
+    __slots__ = ("data", "filled", "flags", "handle", "offset")
+
+    def __init__(self, data: bytearray, filled: int, handle: int, flags: int, offset: int) -> None:
+        self.data = data
+        self.filled = filled
+        self.handle = handle
+        self.flags = flags
+        self.offset = offset
 
 
 class _BadOption(Exception):

@@ -137,7 +137,7 @@ class Request(NamedTuple):
     flags: int
     offset: int
     length: int
-    payload: bytes | None = None
+    payload: bytes | bytearray | None = None
 
 
 class InvalidRequest(NamedTuple):

@@ -184,7 +184,29 @@ class Session:
         finally:
             lock.release()
 
+    async def _receive_payload(self, target: memoryview) -> None:
+        """Fill a large payload straight from the socket, as far as it has data."""
+        transport = self.transport
+        got = 0
+        while got < len(target):
+            n = transport.try_receive_into(target[got:])
+            if n is None:
+                if got:
+                    break
+                n = await transport.receive_into(target)
+                self.conn.commit_received(n)
+                return
+            self.conn.commit_received(n)
+            if n == 0:
+                break
+            got += n
+        await trio.lowlevel.checkpoint()
+
     async def _receive(self) -> None:
+        target = self.conn.receive_buffer()
+        if target is not None:
+            await self._receive_payload(target)
+            return
         data = self.transport.try_receive(RECEIVE_SIZE)
         if data is None:
             data = await self.transport.receive_some(RECEIVE_SIZE)

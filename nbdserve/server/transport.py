@@ -39,6 +39,12 @@ class Transport(Protocol):
 
     async def receive_some(self, max_bytes: int) -> bytes: ...
 
+    def try_receive_into(self, buf: memoryview) -> int | None:
+        """recv_into ``buf`` now (0 at EOF), or None when a read would block."""
+        ...
+
+    async def receive_into(self, buf: memoryview) -> int: ...
+
     async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
         """``header``, then ``count`` bytes of file ``fd`` from ``offset``."""
         ...
@@ -151,6 +157,22 @@ class SocketTransport:
                 return data
             await trio.lowlevel.wait_readable(self.sock)
 
+    def try_receive_into(self, buf: memoryview) -> int | None:
+        self._check()
+        try:
+            return self.sock.recv_into(buf)
+        except BlockingIOError:
+            return None
+        except _BROKEN as exc:
+            raise trio.BrokenResourceError(str(exc)) from exc
+
+    async def receive_into(self, buf: memoryview) -> int:
+        while True:
+            n = self.try_receive_into(buf)
+            if n is not None:
+                return n
+            await trio.lowlevel.wait_readable(self.sock)
+
     async def aclose(self) -> None:
         if self._closed:
             return
@@ -185,6 +207,14 @@ class StreamTransport:
 
     async def receive_some(self, max_bytes: int) -> bytes:
         return bytes(await self.stream.receive_some(max_bytes))
+
+    def try_receive_into(self, buf: memoryview) -> int | None:
+        return None
+
+    async def receive_into(self, buf: memoryview) -> int:
+        data = await self.stream.receive_some(len(buf))
+        buf[: len(data)] = data
+        return len(data)
 
     async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
         data = await trio.to_thread.run_sync(os.pread, fd, count, offset)

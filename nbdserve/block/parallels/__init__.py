@@ -71,6 +71,7 @@ from nbdserve.errors import (
     ConfigError,
     CorruptImageError,
     InvalidImageError,
+    NoSpaceError,
     NotSupportedError,
 )
 
@@ -358,10 +359,12 @@ class ParallelsDriver(FormatDriver):
         """
         async with self._alloc_lock:
             # the lock wait was a checkpoint: someone may have taken these clusters
-            taken = self._pending_at(index) is not None or self._bat.host_offset(index) != 0
+            allocated, absent = self._bat.run_at(index, clusters)
+            taken = allocated != 0 or self._pending_at(index) is not None
             if not taken:
-                clusters = self._absent_run(index, clusters)
+                clusters = self._absent_run(index, min(clusters, absent))
                 host = self._data_end
+                self._check_addressable(host + clusters * self.cluster_size)
                 pending = _Pending(index, clusters, trio.Event())
                 self._pending.append(pending)
                 self._data_end = host + clusters * self.cluster_size
@@ -382,6 +385,13 @@ class ParallelsDriver(FormatDriver):
         consumed = min(len(data), written_end - guest_offset)
         if consumed < len(data):
             await self._write_range(guest_offset + consumed, data[consumed:])
+
+    def _check_addressable(self, end: int) -> None:
+        if end - self.cluster_size > self.geometry.max_host_offset:
+            raise NoSpaceError(
+                f"{self._file.path}: the BAT cannot address host offsets past "
+                f"{self.geometry.max_host_offset}"
+            )
 
     async def _write_new_clusters(
         self, index: int, clusters: int, host: int, guest_offset: int, data: memoryview
@@ -424,6 +434,8 @@ class ParallelsDriver(FormatDriver):
         async with self._alloc_lock:
             if end <= file.size:
                 return
+            if file.is_block_device:
+                raise NoSpaceError(f"{file.path}: no room for new clusters on the device")
             self._stats.extra["file_grows"] += 1
             if self._prealloc_mode == "off":
                 # no room ahead, but every allocated cluster lies wholly in the file

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from nbdserve.block.base import Status
 from nbdserve.block.chain import ChainOptions, open_chain
@@ -294,4 +295,24 @@ async def test_old_magic_image_reads_and_writes(tmp_path: Path) -> None:
     drv = await open_driver(path, read_only=True)
     assert drv.header.magic == b"WithoutFreeSpace"
     assert await BlockDevice(drv).read(0, len(expect)) == expect
+    await drv.aclose()
+
+
+async def test_allocation_rechecks_the_run_after_waiting_for_the_lock(tmp_path: Path) -> None:
+    path = await image(tmp_path)
+    drv = await open_driver(path)
+    async with trio.open_nursery() as nursery:
+        await drv._alloc_lock.acquire()
+        nursery.start_soon(drv.write, 0, b"A" * (16 * CS))
+        await trio.testing.wait_all_tasks_blocked()
+        # meanwhile another request allocated cluster 5 (as if it had the lock first)
+        other = drv._data_end
+        drv._data_end += CS
+        await drv._file.pwrite(other, b"B" * CS)
+        drv._bat.set_run(5, 1, other)
+        drv._alloc_lock.release()
+    assert read_bat_mem(drv, 5) == other  # not re-allocated over
+    assert await BlockDevice(drv).read(0, 16 * CS) == b"A" * (16 * CS)
+    hosts = {read_bat_mem(drv, i) for i in range(16)}
+    assert len(hosts) == 16
     await drv.aclose()

@@ -464,3 +464,93 @@ def test_pipelined_replies_out_of_order(mode: str) -> None:
 
 def test_default_flags_constant_is_sane() -> None:
     assert DEFAULT_FLAGS & TxFlag.HAS_FLAGS
+
+
+# ---- batch API (next_events) and reply_read_header_into ----------------------------
+
+
+@pytest.mark.parametrize("mode", MODES)
+@given(handle=handles, offset=offsets, n=st.integers(0, 64))
+def test_reply_read_header_into_equals_reply_read_header(
+    mode: str, handle: int, offset: int, n: int
+) -> None:
+    conn = make_pair(mode).server
+    buf = bytearray(b"\xee" * (conn.reply_read_header_size() + n))
+    conn.reply_read_header_into(buf, handle, offset, n)
+    head = conn.reply_read_header(handle, offset, n)
+    assert bytes(buf[: len(head)]) == head
+    assert buf[len(head) :] == b"\xee" * n  # the data area is left alone
+
+
+def batch_stream(extended: bool) -> bytes:
+    return b"".join(
+        [
+            cl.request(Cmd.READ, 1, 0, 512, extended=extended),
+            cl.request(Cmd.WRITE, 2, 512, 4, 0, b"abcd", extended=extended),
+            cl.request(Cmd.READ, 3, 1 << 20, 1, extended=extended),  # past the end
+            cl.request(Cmd.WRITE, 4, 0, 70000, 0, b"w" * 70000, extended=extended),  # too big
+            cl.request(Cmd.FLUSH, 5, extended=extended),
+            cl.request(Cmd.DISC, 6, extended=extended),
+            b"ignored after DISC",
+        ]
+    )
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended"])
+@given(cuts=st.lists(st.integers(0, 80000), max_size=10), limit=st.integers(1, 5))
+def test_next_events_matches_next_event(mode: str, cuts: list[int], limit: int) -> None:
+    data = batch_stream(mode == "extended")
+    one = make_pair(mode, max_payload=65536)
+    one.server.receive_data(data)
+    expected = []
+    while True:
+        e = one.server.next_event()
+        expected.append(e)
+        if isinstance(e, ev.Disconnect):
+            break
+    batched = make_pair(mode, max_payload=65536)
+    got: list[object] = []
+    points = [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]
+    last = 0
+    for p in points:
+        if p > last:
+            batched.server.receive_data(data[last:p])
+            last = p
+        while True:
+            events = batched.server.next_events(limit)
+            assert len(events) <= limit
+            if not events:
+                break
+            got += events
+            if isinstance(events[-1], ev.Disconnect):
+                break
+    assert got[: len(expected)] == expected
+    kinds = [type(e).__name__ for e in expected]
+    assert kinds == [
+        "Request",
+        "Request",
+        "InvalidRequest",
+        "InvalidRequest",
+        "Request",
+        "Disconnect",
+    ]
+
+
+def test_next_events_raises_remote_error_on_garbage() -> None:
+    pair = make_pair("structured")
+    pair.server.receive_data(cl.request(Cmd.FLUSH, 1) + b"\0" * 28)
+    with pytest.raises(RemoteProtocolError):
+        pair.server.next_events()
+    assert pair.server.phase is Phase.ERROR
+
+
+def test_next_events_at_eof() -> None:
+    pair = make_pair("structured")
+    pair.server.receive_data(cl.request(Cmd.FLUSH, 1))
+    pair.server.receive_data(b"")
+    assert pair.server.next_events() == [ev.Request(1, Cmd.FLUSH, 0, 0, 0), ev.ConnectionClosed()]
+    pair = make_pair("structured")
+    pair.server.receive_data(cl.request(Cmd.FLUSH, 1)[:10])
+    pair.server.receive_data(b"")
+    with pytest.raises(RemoteProtocolError):
+        pair.server.next_events()

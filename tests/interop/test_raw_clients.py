@@ -175,6 +175,7 @@ async def test_fio_randwrite_verify(tmp_path: Path) -> None:
             "--verify=crc32c",
             "--do_verify=1",
             "--verify_fatal=1",
+            "--verify_state_save=0",
             "--randrepeat=1",
             "--output-format=json",
             timeout=180,

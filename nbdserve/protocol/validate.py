@@ -109,8 +109,6 @@ def validate_request(
         return _refuse_command(cmd)
     if flags & ~allowed:
         return NbdErrno.EINVAL, f"flags {flags & ~allowed:#x} not allowed on {_name(cmd)}"
-    if st.read_only and cmd in _WRITE_CMDS:
-        return NbdErrno.EPERM, "export is read-only"
     if cmd in _RANGE_CMDS:
         return _check_range(st, cmd, offset, length)
     return None

@@ -9,7 +9,7 @@ is still missing (:meth:`PrefetchTarget.prefetch_next`).  Each range is
 copied by a worker task: read from the base, then a *soft* store that the
 target re-checks under its range lock, so a client write that landed in the
 meantime always wins.  At most ``num_prefetch_slots`` workers run at once
-(a ``CapacityLimiter``).
+(a ``Semaphore``: a slot is taken by the loop and given back by the worker).
 
 Guests come first.  The target counts in-flight guest requests (the driver,
 not the ``BlockDevice``, sees every request, including those of prefetch
@@ -260,7 +260,7 @@ class Prefetcher:
 
     async def _one_pass(self) -> bool:
         """Copy every missing range once, in ascending order; False if stopped."""
-        limiter = trio.CapacityLimiter(max(1, self.settings.slots))
+        limiter = trio.Semaphore(max(1, self.settings.slots))
         failure: list[BlockError] = []
         cursor = 0
         async with trio.open_nursery() as workers:
@@ -285,7 +285,7 @@ class Prefetcher:
         return True
 
     async def _copy_one(
-        self, offset: int, length: int, limiter: trio.CapacityLimiter, failure: list[BlockError]
+        self, offset: int, length: int, limiter: trio.Semaphore, failure: list[BlockError]
     ) -> None:
         try:
             buf = bytearray(length)

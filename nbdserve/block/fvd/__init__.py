@@ -563,18 +563,22 @@ class FvdDriver(FormatDriver):
             hi = (seg.guest_offset + seg.length) // bs * bs
             if seg.guest_offset + seg.length == self._base_limit:
                 hi = min(end, -(-self._base_limit // bs) * bs, self.size)
-            if hi <= lo:
-                continue
-            n = hi - lo
-            if self._cor_outstanding + n > self.header.max_outstanding_copy_on_read_data:
-                self._stats["cor_skipped"] += n
-                continue
-            data = bytes(buf[lo - offset : hi - offset])
-            self._cor_outstanding += n
-            if self._bg_nursery is not None:
-                self._bg_nursery.start_soon(self._store_copy_on_read, lo, data)
-            else:
-                await self._store_copy_on_read(lo, data)
+            limit = self.header.max_outstanding_copy_on_read_data
+            step = max(bs, min(1 << 20, limit) // bs * bs)
+            for piece in range(lo, hi, step):
+                await self._copy_on_read_piece(piece, min(hi, piece + step), offset, buf)
+
+    async def _copy_on_read_piece(self, lo: int, hi: int, offset: int, buf: memoryview) -> None:
+        n = hi - lo
+        if self._cor_outstanding + n > self.header.max_outstanding_copy_on_read_data:
+            self._stats["cor_skipped"] += n
+            return
+        data = bytes(buf[lo - offset : hi - offset])
+        self._cor_outstanding += n
+        if self._bg_nursery is not None:
+            self._bg_nursery.start_soon(self._store_copy_on_read, lo, data)
+        else:
+            await self._store_copy_on_read(lo, data)
 
     async def _store_copy_on_read(self, offset: int, data: bytes) -> None:
         try:
@@ -653,7 +657,8 @@ class FvdDriver(FormatDriver):
                 if tail_cow:
                     await self._read_internal(end, view[end - w_lo :])
                 view[offset - w_lo : end - w_lo] = mv
-                self._stats["cow_blocks"] += int(head_cow) + int(tail_cow)
+                cow = {offset // bs} if head_cow else set()
+                self._stats["cow_blocks"] += len(cow | ({(end - 1) // bs} if tail_cow else set()))
                 data = view
             else:
                 data = mv

@@ -12,6 +12,8 @@ from nbdserve.block.chain import ChainOptions, open_chain
 from nbdserve.block.device import BlockDevice
 from nbdserve.block.parallels.structs import INUSE_MAGIC
 from nbdserve.errors import ConfigError, CorruptImageError, InvalidImageError, NotSupportedError
+from tests.conftest import require_tools
+from tests.helpers.server import run
 from tests.unit.block.parallels.images import (
     build_old_magic_image,
     header_fields,
@@ -316,3 +318,34 @@ async def test_allocation_rechecks_the_run_after_waiting_for_the_lock(tmp_path: 
     hosts = {read_bat_mem(drv, i) for i in range(16)}
     assert len(hosts) == 16
     await drv.aclose()
+
+
+async def test_cancelled_write_leaves_a_clean_image(tmp_path: Path) -> None:
+    require_tools("qemu-img")
+    path = await image(tmp_path)
+    drv = await open_driver(path)
+    await drv.write(0, b"k" * CS)
+    file = drv._file
+    real_pwrite = file.pwrite
+
+    async def stuck_pwrite(offset: int, data: object) -> None:
+        await trio.sleep_forever()
+
+    file.pwrite = stuck_pwrite  # type: ignore[method-assign,assignment]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(drv.write, 4 * CS, b"c" * (8 * CS))
+        await trio.testing.wait_all_tasks_blocked()  # space reserved, data in flight
+        assert drv._pending
+        nursery.cancel_scope.cancel()
+    file.pwrite = real_pwrite  # type: ignore[method-assign]
+    assert not drv._pending
+    assert read_bat_mem(drv, 4) == 0  # never published
+    await drv.write(20 * CS, b"w" * 100)  # the driver goes on working
+    await drv.aclose()
+    await run("qemu-img", "check", "-f", "parallels", path)
+    drv = await open_driver(path, read_only=True)
+    dev = BlockDevice(drv)
+    assert await dev.read(0, CS) == b"k" * CS
+    assert await dev.read(20 * CS, 100) == b"w" * 100
+    assert set(await dev.read(4 * CS, 8 * CS)) <= {0, ord("c")}
+    await dev.aclose()

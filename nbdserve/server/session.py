@@ -23,6 +23,7 @@ taken back, so the connection is closed rather than corrupted.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NamedTuple
 
 import trio
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 LOGGER = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 256 * 1024
+# a client that takes nothing off its socket for this long is dropped
+SEND_TIMEOUT = 30.0
 _JOIN_LIMIT = 64 * 1024
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
@@ -87,6 +90,7 @@ class Session:
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(config.max_inflight)
         self._reader_scope = trio.CancelScope()
+        self._broken = False
         self._max_read = self.conn.max_payload + 1
         self.requests = 0
 
@@ -108,7 +112,8 @@ class Session:
         except RemoteProtocolError as exc:
             reason = f"protocol error: {exc}"
         except trio.TooSlowError:
-            reason = "handshake timed out"
+            # an oldstyle client waits for an oldstyle greeting: it ends up here
+            reason = "handshake timed out (only fixed newstyle negotiation is served)"
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             reason = "connection lost"
         finally:
@@ -131,14 +136,31 @@ class Session:
             export.connections -= 1
 
     async def _send(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        await self._guarded_send(self._write, chunks)
+
+    async def _guarded_send(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run one whole reply write under the send lock, never half of one.
+
+        The write is shielded, so stopping the reader (shutdown) or cancelling
+        a request cannot cut a reply; its own deadline bounds a client that
+        stops reading.  If a write fails anyway, nothing else is ever written
+        on this connection: a cut reply cannot be followed by another.
+        """
         lock = self._send_lock
         try:
             lock.acquire_nowait()
         except trio.WouldBlock:
             await lock.acquire()
         try:
-            await self._write(chunks)
+            if self._broken:
+                raise trio.BrokenResourceError("an earlier reply could not be sent")
+            with trio.CancelScope(shield=True) as scope:
+                scope.deadline = trio.current_time() + SEND_TIMEOUT
+                await write(*args)
+            if scope.cancelled_caught:
+                raise trio.BrokenResourceError("client stopped reading replies")
         except BaseException:
+            self._broken = True
             self.conn.send_failed()
             self._reader_scope.cancel()
             raise
@@ -170,19 +192,9 @@ class Session:
             sent = 0
 
     async def _send_file(self, reply: _FileReply) -> None:
-        lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            await self.transport.send_file(reply.header, reply.fd, reply.offset, reply.length)
-        except BaseException:
-            self.conn.send_failed()
-            self._reader_scope.cancel()
-            raise
-        finally:
-            lock.release()
+        await self._guarded_send(
+            self.transport.send_file, reply.header, reply.fd, reply.offset, reply.length
+        )
 
     async def _receive_payload(self, target: memoryview) -> None:
         """Fill a large payload straight from the socket, as far as it has data."""
@@ -354,8 +366,7 @@ class Session:
                 await self._send(out)
             for file_reply in files:
                 await self._send_file(file_reply)
-            for req in deferred:
-                await self._spawn(nursery, req, device)
+            await self._start_all(nursery, deferred, device)
             last = events[-1]
             if isinstance(last, ev.Disconnect | ev.ConnectionClosed):
                 return
@@ -427,6 +438,30 @@ class Session:
             if isinstance(event, ev.Request | ev.InvalidRequest)
         )
         return []
+
+    async def _start_all(
+        self, nursery: trio.Nursery, requests: list[ev.Request], device: BlockDevice
+    ) -> None:
+        """Start a task per request; if stopped while waiting for a slot, every
+        request already read and not started still gets an answer (ESHUTDOWN)."""
+        for i, req in enumerate(requests):
+            try:
+                await self._spawn(nursery, req, device)
+            except trio.Cancelled:
+                if not self._broken:
+                    with trio.CancelScope(shield=True):
+                        await self._send(
+                            [
+                                self.conn.reply_error(
+                                    r.handle,
+                                    NbdErrno.ESHUTDOWN,
+                                    "server is shutting down",
+                                    r.offset,
+                                )
+                                for r in requests[i:]
+                            ]
+                        )
+                raise
 
     async def _spawn(self, nursery: trio.Nursery, req: ev.Request, device: BlockDevice) -> None:
         try:

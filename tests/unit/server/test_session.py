@@ -693,17 +693,6 @@ def parse_until_eof(codec: cl.ClientCodec, data: bytes) -> tuple[list[cl.Reply],
         replies.append(r)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (session.py): Session._send is not shielded, so begin_shutdown() "
-        "cancels the reader in the middle of writing a batch of inline replies; the "
-        "reply is cut, but the lock is released and an in-flight task then writes its "
-        "own reply right after the partial one, so the client receives a misframed "
-        "stream (bytes of another reply inside a read's payload) instead of whole "
-        "replies followed by EOF"
-    ),
-)
 async def test_shutdown_never_interleaves_a_reply_into_a_cut_one(tmp_path: Path) -> None:
     path = tmp_path / "disk.raw"
     size = 4 * MiB
@@ -754,15 +743,6 @@ async def test_shutdown_never_interleaves_a_reply_into_a_cut_one(tmp_path: Path)
         assert any(r.handle == flush for r in replies)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (session.py): a request the core already parsed but that waits in "
-        "Session._spawn() for a max_inflight slot is dropped when begin_shutdown() "
-        "cancels the reader: it gets neither a result nor ESHUTDOWN before the server "
-        "hangs up (proto.md: received requests SHOULD be serviced or get ESHUTDOWN)"
-    ),
-)
 async def test_shutdown_answers_every_request_it_read(image: tuple[Path, bytearray]) -> None:
     release = trio.Event()
     async with serving(export(image[0], "disk"), shutdown_grace=10, max_inflight=1) as srv:

@@ -1,0 +1,152 @@
+"""The command line as a user meets it: one-line errors, the demo, config files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from nbdserve.config import config_from_mapping, load_config
+from nbdserve.errors import ConfigError
+from tests.conftest import require_tools
+from tests.helpers.server import free_port, server_process
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _nbdserve(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbdserve", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _assert_one_line_error(result: subprocess.CompletedProcess[str], needle: str) -> None:
+    assert result.returncode == 1, result
+    lines = [line for line in result.stderr.splitlines() if line.startswith("nbdserve: error:")]
+    assert len(lines) == 1, result.stderr
+    assert needle in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_image_is_one_line() -> None:
+    _assert_one_line_error(_nbdserve("serve", "/nonexistent/disk.img"), "does not exist")
+
+
+def test_missing_config_is_one_line() -> None:
+    _assert_one_line_error(_nbdserve("serve", "--config", "/nonexistent.toml"), "not found")
+
+
+def test_unknown_format_is_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(4096))
+    _assert_one_line_error(_nbdserve("serve", "-f", "vmdk9", str(img)), "unknown image format")
+
+
+def test_bad_option_is_reported_by_argparse() -> None:
+    result = _nbdserve("serve", "--no-such-option")
+    assert result.returncode == 2
+    assert "unrecognized arguments" in result.stderr
+
+
+def test_port_in_use_is_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(65536))
+    port = free_port()
+    with server_process(["serve", "--port", str(port), str(img)], port=port):
+        result = _nbdserve("serve", "--port", str(port), str(img))
+    _assert_one_line_error(result, "already in use")
+
+
+def test_graceful_shutdown_on_sigterm_flushes_and_exits_zero(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(65536))
+    port = free_port()
+    pid_file = tmp_path / "pid"
+    with server_process(
+        ["serve", "--port", str(port), "--pid-file", str(pid_file), str(img)], port=port
+    ) as proc:
+        assert int(pid_file.read_text()) == proc.pid
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+    assert not pid_file.exists()
+
+
+def test_demo_serves_what_it_prints(tmp_path: Path) -> None:
+    require_tools("qemu-img", "nbdinfo")
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nbdserve", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        uri = None
+        deadline = time.monotonic() + 20
+        while uri is None and time.monotonic() < deadline:
+            line = proc.stdout.readline()
+            if "URI:" in line:
+                uri = line.split("URI:", 1)[1].strip()
+        assert uri == f"nbd://127.0.0.1:{port}/demo"
+        info = json.loads(
+            subprocess.run(
+                ["qemu-img", "info", "--output=json", uri],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=30,
+            ).stdout
+        )
+        assert info["virtual-size"] == 64 * 1024 * 1024
+        head = subprocess.run(
+            ["nbdinfo", "--json", uri], capture_output=True, text=True, check=True, timeout=30
+        )
+        assert json.loads(head.stdout)["exports"][0]["export-name"] == "demo"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_example_config_parses_and_means_what_it_says() -> None:
+    config = load_config(str(REPO / "configs" / "example.toml"))
+    with open(REPO / "configs" / "example.toml", "rb") as f:
+        raw = tomllib.load(f)
+    assert config.port == raw["server"]["port"]
+    assert [e.name for e in config.exports] == [e["name"] for e in raw["export"]]
+    assert config.exports[1].read_only is True
+
+
+def test_config_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "conf" / "exports.toml"
+    cfg.parent.mkdir()
+    cfg.write_text('[[export]]\nname = "a"\npath = "../images/a.raw"\n')
+    config = load_config(str(cfg))
+    assert config.exports[0].path == os.path.join(str(cfg.parent), "../images/a.raw")
+
+
+@pytest.mark.parametrize(
+    ("data", "needle"),
+    [
+        ({"export": []}, "no exports"),
+        ({"export": [{"name": "a"}]}, "'path' is required"),
+        ({"export": [{"path": "x", "colour": "red"}]}, "unknown keys"),
+        ({"server": {"prot": 1}, "export": [{"path": "x"}]}, "unknown [server] keys"),
+        ({"export": [{"path": "x", "name": "a"}, {"path": "y", "name": "a"}]}, "duplicate"),
+        ({"server": {"port": 70000}, "export": [{"path": "x"}]}, "out of range"),
+    ],
+)
+def test_bad_configs_are_refused_clearly(data: dict[str, object], needle: str) -> None:
+    with pytest.raises(ConfigError, match=None) as exc:
+        config_from_mapping(data)
+    assert needle in str(exc.value)

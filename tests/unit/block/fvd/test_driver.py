@@ -237,12 +237,8 @@ async def test_block_status_per_layer(tmp_path: Path) -> None:
     assert spans[0] == (0, 128 * KIB, Status.NONE)
     assert spans[1] == (128 * KIB, 64 * KIB, Status.ALLOCATED | Status.DATA)
     assert (512 * KIB, 256 * KIB, Status.ALLOCATED | Status.ZERO) in spans
-    assert (
-        spans[-1][2] & Status.ALLOCATED
-    )
-    assert (
-        spans[-1][0] + spans[-1][1] == 2 * MIB
-    )
+    assert spans[-1][2] & Status.ALLOCATED
+    assert spans[-1][0] + spans[-1][1] == 2 * MIB
     chained = await dev.block_status(0, 2 * MIB)
     assert chained[0].depth == 2
     assert chained[1].depth == 1

@@ -90,7 +90,17 @@ REPAIR_HINT: Final = "run `nbdserve img check --repair all` on it first"
 
 @dataclass(frozen=True, slots=True)
 class ParallelsSettings:
-    """Per-export knobs (``ExportConfig.settings``)."""
+    """Per-export knobs, from ``[export.settings]`` in the TOML config.
+
+    * ``prealloc_mode``: ``falloc`` (default; fallocate ahead), ``truncate``
+      (grow sparse) or ``off`` (grow only as clusters are allocated);
+    * ``prealloc_size``: bytes to grow ahead of need (default 128 MiB);
+    * ``backing`` / ``backing_format``: a backing image for unallocated
+      clusters (the format itself has no field for one), resolved and
+      confined like any backing reference;
+    * ``max_alloc_clusters``: cap on clusters per allocation (0 = whole run;
+      1 reproduces per-cluster allocation, for benchmarks).
+    """
 
     prealloc_mode: str = "falloc"
     prealloc_size: int = DEFAULT_PREALLOC_SIZE

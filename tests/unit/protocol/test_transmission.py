@@ -554,3 +554,74 @@ def test_next_events_at_eof() -> None:
     pair.server.receive_data(b"")
     with pytest.raises(RemoteProtocolError):
         pair.server.next_events()
+
+
+# ---- large payloads received in place (receive_buffer / commit_received) -------
+
+
+@pytest.mark.parametrize("mode", ["simple", "extended"])
+@given(cuts=st.lists(st.integers(0, 300_000), max_size=6), use_buffer=st.booleans())
+def test_large_write_payload_received_in_place(
+    mode: str, cuts: list[int], use_buffer: bool
+) -> None:
+    pair = make_pair(mode, size=1 << 30)
+    conn = pair.server
+    payload = bytes(range(256)) * 1024  # 256 KiB: above the in-place threshold
+    ext = mode == "extended"
+    data = cl.request(Cmd.WRITE, 9, 4096, len(payload), 0, payload, extended=ext)
+    data += cl.request(Cmd.FLUSH, 10, extended=ext)
+    points = [*sorted({c % (len(data) + 1) for c in cuts}), len(data)]
+    events: list[object] = []
+    pos = 0
+    for p in points:
+        while pos < p:
+            target = conn.receive_buffer() if use_buffer else None
+            if target is not None:
+                n = min(len(target), p - pos)
+                target[:n] = data[pos : pos + n]
+                conn.commit_received(n)
+            else:
+                n = p - pos
+                conn.receive_data(data[pos:p])
+            pos += n
+            events += conn.next_events()
+    assert events == [
+        ev.Request(9, Cmd.WRITE, 0, 4096, len(payload), payload),
+        ev.Request(10, Cmd.FLUSH, 0, 0, 0),
+    ]
+    assert conn.receive_buffer() is None
+
+
+def test_eof_while_receiving_in_place() -> None:
+    pair = make_pair("structured", size=1 << 30)
+    conn = pair.server
+    conn.receive_data(cl.request(Cmd.WRITE, 1, 0, 1 << 20) + b"x" * 1000)
+    assert conn.next_events() == []
+    target = conn.receive_buffer()
+    assert target is not None
+    assert len(target) == (1 << 20) - 1000
+    conn.commit_received(0)  # EOF
+    with pytest.raises(RemoteProtocolError):
+        conn.next_events()
+
+
+def test_commit_received_must_match_receive_buffer() -> None:
+    pair = make_pair("structured")
+    with pytest.raises(LocalProtocolError):
+        pair.server.commit_received(10)
+    pair.server.receive_data(cl.request(Cmd.WRITE, 1, 0, 1 << 19))
+    assert pair.server.next_events() == []
+    with pytest.raises(LocalProtocolError):
+        pair.server.commit_received((1 << 19) + 1)
+
+
+def test_invalid_large_write_is_not_received_in_place() -> None:
+    pair = make_pair("structured", flags=int(TxFlag.READ_ONLY), size=1 << 30)
+    conn = pair.server
+    conn.receive_data(cl.request(Cmd.WRITE, 1, 0, 1 << 20))
+    assert conn.next_events() == []
+    assert conn.receive_buffer() is None  # refused writes are not given a buffer
+    conn.receive_data(bytes(1 << 20))
+    (event,) = conn.next_events()
+    assert isinstance(event, ev.InvalidRequest)
+    assert event.errno == NbdErrno.EPERM

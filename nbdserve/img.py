@@ -138,6 +138,14 @@ def cmd_create(args: argparse.Namespace) -> int:
 
 
 async def _backing_size(path: str, backing: str, fmt: str | None) -> int:
+    from nbdserve.block.nbdclient import is_nbd_uri, open_nbd_uri
+
+    if is_nbd_uri(backing):  # the operator named it on the command line
+        driver = await open_nbd_uri(backing)
+        try:
+            return driver.size
+        finally:
+            await driver.aclose()
     base = (
         backing
         if os.path.isabs(backing)

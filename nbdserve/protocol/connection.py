@@ -98,6 +98,7 @@ DEFAULT_MAX_OPTION_SIZE = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
 # WRITE payloads at least this large are received into a buffer of their own
 LARGE_PAYLOAD = 64 * 1024
+PAYLOAD_GROW = 4 * 1024 * 1024
 
 
 class ServerConnection:
@@ -197,6 +198,7 @@ class ServerConnection:
         target = self._payload
         if target is None:
             return None
+        target.grow()
         return memoryview(target.data)[target.filled :]
 
     def commit_received(self, n: int) -> None:
@@ -221,9 +223,8 @@ class ServerConnection:
                 return
         target = self._payload
         if target is not None:
-            n = min(len(target.data) - target.filled, len(data))
-            target.data[target.filled : target.filled + n] = memoryview(data)[:n]
-            target.filled += n
+            n = min(target.length - target.filled, len(data))
+            target.append(memoryview(data)[:n])
             data = memoryview(data)[n:]
             if not data:
                 return
@@ -492,9 +493,8 @@ class ServerConnection:
         """Collect a large payload in its own buffer (see receive_buffer)."""
         start = self._pos + hsize
         have = min(len(self._buf) - start, length)
-        target = _Payload(bytearray(length), 0, handle, flags, offset)
-        target.data[:have] = memoryview(self._buf)[start : start + have]
-        target.filled = have
+        target = _Payload(length, handle, flags, offset)
+        target.append(memoryview(self._buf)[start : start + have])
         self._pos = start + have
         self._compact()
         self._payload = target
@@ -503,11 +503,11 @@ class ServerConnection:
     def _finish_payload(self) -> object:
         target = self._payload
         assert target is not None
-        if target.filled < len(target.data):
+        if target.filled < target.length:
             return self._eof_or(ev.NEED_DATA, "inside a write payload")
         self._payload = None
         return ev.Request(
-            target.handle, _WRITE, target.flags, target.offset, len(target.data), target.data
+            target.handle, _WRITE, target.flags, target.offset, target.length, target.data
         )
 
     # ---- output ---------------------------------------------------------------
@@ -787,16 +787,40 @@ class ServerConnection:
 
 
 class _Payload:
-    """A large WRITE payload being received straight into its own buffer."""
+    """A large WRITE payload being received straight into its own buffer.
 
-    __slots__ = ("data", "filled", "flags", "handle", "offset")
+    The buffer grows as bytes arrive (``PAYLOAD_GROW`` at a time), never ahead
+    of them: a header alone must not make the server allocate its length.
+    """
 
-    def __init__(self, data: bytearray, filled: int, handle: int, flags: int, offset: int) -> None:
-        self.data = data
-        self.filled = filled
+    __slots__ = ("data", "filled", "flags", "handle", "length", "offset")
+
+    def __init__(self, length: int, handle: int, flags: int, offset: int) -> None:
+        self.data = bytearray()
+        self.filled = 0
+        self.length = length
         self.handle = handle
         self.flags = flags
         self.offset = offset
+
+    def grow(self) -> None:
+        """Make room for the next bytes (resizing needs no view to be alive)."""
+        if self.filled == len(self.data) < self.length:
+            more = min(PAYLOAD_GROW, self.length - self.filled)
+            if self.data:
+                self.data.extend(bytes(more))
+            else:
+                self.data = bytearray(more)
+
+    def append(self, data: memoryview) -> None:
+        n = len(data)
+        end = self.filled + n
+        if end > len(self.data):
+            del self.data[self.filled :]
+            self.data += data
+        else:
+            self.data[self.filled : end] = data
+        self.filled = end
 
 
 class _BadOption(Exception):

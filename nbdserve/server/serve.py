@@ -143,6 +143,11 @@ class _Server:
         self.sessions.add(session)
         try:
             await session.run()
+        except Exception:
+            # a bug in one session must not take every other client down
+            if self.strict:
+                raise
+            LOGGER.exception("event=session-crash client=%s", session.peer)
         finally:
             self.sessions.discard(session)
 

@@ -91,6 +91,7 @@ class Session:
         self._slots = trio.Semaphore(config.max_inflight)
         self._reader_scope = trio.CancelScope()
         self._broken = False
+        self.end_reason = "closed"
         self._max_read = self.conn.max_payload + 1
         self.requests = 0
 
@@ -102,7 +103,6 @@ class Session:
 
     async def run(self) -> None:
         LOGGER.info("event=connect client=%s", self.peer)
-        reason = "closed"
         try:
             await self._send([self.conn.initiate()])
             with trio.fail_after(self.config.handshake_timeout):
@@ -110,12 +110,12 @@ class Session:
             if export is not None:
                 await self._serve(export)
         except RemoteProtocolError as exc:
-            reason = f"protocol error: {exc}"
+            self.end_reason = f"protocol error: {exc}"
         except trio.TooSlowError:
             # an oldstyle client waits for an oldstyle greeting: it ends up here
-            reason = "handshake timed out (only fixed newstyle negotiation is served)"
+            self.end_reason = "handshake timed out (only fixed newstyle negotiation is served)"
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            reason = "connection lost"
+            self.end_reason = "connection lost"
         finally:
             await self.transport.aclose()
             LOGGER.info(
@@ -123,7 +123,7 @@ class Session:
                 self.peer,
                 self.export.name if self.export else "-",
                 self.requests,
-                reason,
+                self.end_reason,
             )
 
     async def _serve(self, export: Export) -> None:
@@ -342,9 +342,20 @@ class Session:
     # ---- transmission -------------------------------------------------------
 
     async def _transmission(self, export: Export) -> None:
+        """Read requests until the client leaves; in-flight ones still finish.
+
+        Expected ways for the reader to stop (broken framing, a vanished
+        client) are caught inside the nursery, so they end this connection
+        without wrapping into an ExceptionGroup that would reach serve().
+        """
         async with trio.open_nursery() as nursery:
             with self._reader_scope:
-                await self._read_loop(export, nursery)
+                try:
+                    await self._read_loop(export, nursery)
+                except RemoteProtocolError as exc:
+                    self.end_reason = f"protocol error: {exc}"
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.end_reason = "connection lost"
         # leaving the nursery waited for every in-flight request
 
     async def _read_loop(self, export: Export, nursery: trio.Nursery) -> None:

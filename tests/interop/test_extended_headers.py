@@ -219,15 +219,6 @@ async def test_export_name_after_extended_headers_hangs_up(big_sparse: Path) -> 
         assert await c.receive_eof() == b""
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (session.py): a RemoteProtocolError raised by the core during "
-        "transmission escapes from Session._read_loop through the _transmission "
-        "nursery as an ExceptionGroup, which `except RemoteProtocolError` in "
-        "Session.run does not catch, so it crashes serve() for every client"
-    ),
-)
 async def test_compact_request_after_extended_headers_hangs_up(big_sparse: Path) -> None:
     async with running_server(export(big_sparse, "big")) as srv:
         async with await extended_client(srv.port) as c:

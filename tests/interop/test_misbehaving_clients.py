@@ -29,18 +29,6 @@ from tests.helpers.server import export, run, running_server, uri
 MiB = 1 << 20
 SIZE = 4 * MiB
 
-CRASH_IN_TRANSMISSION = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "server bug (session.py): an exception raised in the transmission reader "
-        "(RemoteProtocolError from the core for broken framing or EOF inside a message, "
-        "or trio.BrokenResourceError when the reader's own send of inline replies hits a "
-        "reset connection) leaves Session._read_loop through the _transmission nursery "
-        "wrapped in an ExceptionGroup; Session.run only catches the bare exception types, "
-        "so the group propagates into serve() and the whole server dies"
-    ),
-)
-
 
 def rss() -> int:
     """Resident memory of this process (server and clients share it)."""
@@ -223,7 +211,6 @@ async def test_handshake_timeout_does_not_apply_to_transmission(tmp_path: Path) 
 # ---- transmission -----------------------------------------------------------------
 
 
-@CRASH_IN_TRANSMISSION
 async def test_bad_request_magic(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
         bad = await s.raw()
@@ -233,7 +220,6 @@ async def test_bad_request_magic(tmp_path: Path) -> None:
         await s.assert_still_serving()
 
 
-@CRASH_IN_TRANSMISSION
 async def test_garbage_after_negotiation(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
         bad = await s.raw()
@@ -243,7 +229,6 @@ async def test_garbage_after_negotiation(tmp_path: Path) -> None:
         await s.assert_still_serving()
 
 
-@CRASH_IN_TRANSMISSION
 async def test_oversized_write_then_disconnect(tmp_path: Path) -> None:
     async with setup(tmp_path, tcp=True) as s:
         bad = await s.raw()
@@ -265,7 +250,6 @@ async def test_oversized_write_then_disconnect(tmp_path: Path) -> None:
         await s.assert_still_serving()
 
 
-@CRASH_IN_TRANSMISSION
 async def test_truncated_write_payload_then_disconnect(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
         bad = await s.raw()
@@ -277,7 +261,6 @@ async def test_truncated_write_payload_then_disconnect(tmp_path: Path) -> None:
         await s.assert_still_serving()  # and the half write was not applied
 
 
-@CRASH_IN_TRANSMISSION
 async def test_abrupt_disconnect_with_replies_in_flight(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
         bad = await s.raw()
@@ -291,7 +274,6 @@ async def test_abrupt_disconnect_with_replies_in_flight(tmp_path: Path) -> None:
         await s.assert_still_serving()
 
 
-@CRASH_IN_TRANSMISSION
 async def test_close_with_replies_unread(tmp_path: Path) -> None:
     async with setup(tmp_path) as s:
         bad = await s.raw()

@@ -183,6 +183,45 @@ def test_huge_extended_write_header_then_eof() -> None:
         pair.server.next_event()
 
 
+@pytest.mark.parametrize("receive", ["receive_data", "receive_buffer"])
+def test_large_write_memory_grows_with_the_data_not_the_header(receive: str) -> None:
+    """A header announcing 32 MiB must not make the server hold 32 MiB."""
+    import tracemalloc
+
+    length = 32 << 20
+    pair = make_pair("structured", size=1 << 30, max_payload=length)
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        assert pair.to_server(cl.request(Cmd.WRITE, 9, 0, length) + b"a" * 1000) == []
+        held = tracemalloc.get_traced_memory()[0] - base
+        assert held < 8 << 20, f"{held} bytes held for a header and 1000 bytes"
+        conn = pair.server
+        sent = 1000
+        piece = bytes(range(256)) * 4096  # 1 MiB
+        while sent < length:
+            n = min(len(piece), length - sent)
+            if receive == "receive_data":
+                conn.receive_data(piece[:n])
+            else:
+                view = conn.receive_buffer()
+                assert view is not None
+                k = min(n, len(view))
+                view[:k] = piece[:k]
+                del view
+                conn.commit_received(k)
+                n = k
+            sent += n
+    finally:
+        tracemalloc.stop()
+    (event,) = conn.next_events()
+    assert isinstance(event, ev.Request)
+    assert event.length == length
+    assert event.payload is not None
+    assert len(event.payload) == length
+    assert bytes(event.payload[:1000]) == b"a" * 1000
+
+
 def test_invalid_write_consumes_its_payload() -> None:
     pair = make_pair("structured", flags=int(TxFlag.READ_ONLY))
     raw = cl.request(Cmd.WRITE, 1, 0, 4, payload=b"abcd") + cl.request(Cmd.READ, 2, 0, 4)

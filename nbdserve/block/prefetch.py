@@ -120,30 +120,39 @@ class PrefetchTarget(Protocol):
 
 
 class _Throughput:
-    """Time-weighted moving average over a window of completed requests."""
+    """Time-weighted moving average over a window of completed requests.
+
+    Running sums keep each query O(expired samples), not O(window).
+    """
 
     def __init__(self, window: float) -> None:
         self.window = window
         self._samples: deque[tuple[float, int, float]] = deque()
+        self._bytes = 0
+        self._duration = 0.0
 
     def add(self, now: float, nbytes: int, duration: float) -> None:
         self._samples.append((now, nbytes, duration))
+        self._bytes += nbytes
+        self._duration += duration
         self._expire(now)
 
     def _expire(self, now: float) -> None:
         while self._samples and self._samples[0][0] < now - self.window:
-            self._samples.popleft()
+            _, nbytes, duration = self._samples.popleft()
+            self._bytes -= nbytes
+            self._duration -= duration
+        if not self._samples:
+            self._bytes, self._duration = 0, 0.0
 
     def kib_per_s(self, now: float) -> float | None:
         """The average, or None with no sample in the window."""
         self._expire(now)
         if not self._samples:
             return None
-        nbytes = sum(s[1] for s in self._samples)
-        duration = sum(s[2] for s in self._samples)
-        if duration <= 0:
+        if self._duration <= 1e-12:
             return float("inf")
-        return nbytes / duration / KIB
+        return self._bytes / self._duration / KIB
 
 
 class Prefetcher:

@@ -245,6 +245,9 @@ class FvdDriver(FormatDriver):
         self._chunk_size = header.chunk_size
         self._compact = header.compact
         self._base_limit = header.base_img_size if header.has_base else 0
+        # below this, a block may still read from the base; once every bit is
+        # set (fully prefetched) reads skip the bitmap altogether
+        self._cow_limit = 0 if header.base_img_fully_prefetched else self._base_limit
         self._bitmap: Bitmap | None = None
         self._table: ChunkTable | None = None
         self._journal = Journal(file, header.journal_offset, header.journal_size, 0)
@@ -409,8 +412,8 @@ class FvdDriver(FormatDriver):
         out: list[Segment] = []
         pos = offset
         bitmap = self._bitmap
-        if bitmap is not None and pos < self._base_limit:
-            base_end = min(end, self._base_limit)
+        if bitmap is not None and pos < self._cow_limit:
+            base_end = min(end, self._cow_limit)
             bs = self._block_size
             for b0, b1, is_set in bitmap.runs(pos // bs, (base_end - 1) // bs + 1):
                 lo, hi = max(pos, b0 * bs), min(base_end, b1 * bs)
@@ -447,10 +450,10 @@ class FvdDriver(FormatDriver):
     def _all_in_image(self, offset: int, end: int) -> bool:
         """Every block of the range has its bit set (or has none)."""
         bitmap = self._bitmap
-        if bitmap is None or offset >= self._base_limit:
+        if bitmap is None or offset >= self._cow_limit:
             return True
         bs = self._block_size
-        return bitmap.all_set(offset // bs, (min(end, self._base_limit) - 1) // bs + 1)
+        return bitmap.all_set(offset // bs, (min(end, self._cow_limit) - 1) // bs + 1)
 
     def _all_allocated(self, offset: int, end: int) -> bool:
         table = self._table
@@ -1072,6 +1075,7 @@ class FvdDriver(FormatDriver):
                 await self._file.sync()
                 await self._write_header(self.header.replace(base_img_fully_prefetched=1))
                 await self._file.sync()
+                self._cow_limit = 0
         LOGGER.info("event=fvd-fully-prefetched path=%s", self._file.path)
 
     def prefetch_progress(self) -> tuple[int, int]:

@@ -101,6 +101,31 @@ def build_parser() -> argparse.ArgumentParser:
         help="refuse images whose format cannot be recognised",
     )
     serve.add_argument("--max-connections", type=int, default=None)
+    serve.add_argument(
+        "--allow",
+        action="append",
+        default=None,
+        metavar="CIDR",
+        help="client networks allowed to use the export (repeatable; "
+        "'unix' for Unix-socket clients)",
+    )
+    serve.add_argument(
+        "--tls",
+        choices=["off", "on", "require"],
+        default=None,
+        help="TLS mode (default: require with --tls-certificates, else off)",
+    )
+    serve.add_argument(
+        "--tls-certificates",
+        metavar="DIR",
+        help="directory with ca-cert.pem, server-cert.pem, server-key.pem",
+    )
+    serve.add_argument(
+        "--tls-verify-peer",
+        action="store_true",
+        help="require client certificates signed by ca-cert.pem",
+    )
+    serve.add_argument("--tls-psk", metavar="FILE", help="TLS-PSK keys file (Python 3.13+)")
     serve.add_argument("--pid-file", help="write the server's PID here once listening")
     serve.set_defaults(func=cmd_serve)
 
@@ -164,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
             overrides["port"] = args.port
         if args.socket is not None:
             overrides["socket"] = args.socket
+        overrides.update(_tls_args(args))
         if overrides:
             from dataclasses import replace
 
@@ -182,9 +208,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         shared=args.shared,
         backing_dirs=tuple(args.backing_dir) if args.backing_dir else None,
         probe_raw=not args.no_probe_raw,
+        allow=tuple(args.allow) if args.allow else None,
     )
     bind = None if args.socket and args.bind is None else (args.bind or DEFAULT_BIND)
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, object] = _tls_args(args)
     if args.max_connections is not None:
         kwargs["max_connections"] = args.max_connections
     return ServerConfig(
@@ -194,6 +221,22 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         socket=args.socket,
         **kwargs,  # type: ignore[arg-type]
     )
+
+
+def _tls_args(args: argparse.Namespace) -> dict[str, object]:
+    """TLS settings given on the command line (they override a config file's)."""
+    out: dict[str, object] = {}
+    if args.tls_certificates:
+        out["tls_certificates"] = os.path.abspath(args.tls_certificates)
+    if args.tls_psk:
+        out["tls_psk_file"] = os.path.abspath(args.tls_psk)
+    if args.tls_verify_peer:
+        out["tls_verify_peer"] = True
+    if args.tls is not None:
+        out["tls"] = args.tls
+    elif args.tls_certificates or args.tls_psk:
+        out["tls"] = "require"  # as qemu-nbd: credentials given means TLS is wanted
+    return out
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ names the file and key.  No I/O besides reading the file.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import tomllib
@@ -33,6 +34,34 @@ class ExportConfig:
     probe_raw: bool = True
     # format-specific settings passed to the driver at open (e.g. prealloc_mode)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    tls_required: bool = False  # with tls = "on": only clients that upgraded may use it
+    # client addresses allowed to see and use the export: CIDR networks, and
+    # "unix" for Unix-socket clients; None allows everyone
+    allow: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.allow is not None:
+            for entry in self.allow:
+                if entry == "unix":
+                    continue
+                try:
+                    ipaddress.ip_network(entry, strict=False)
+                except ValueError:
+                    raise ConfigError(
+                        f"export {self.name!r}: bad address {entry!r} in 'allow'"
+                    ) from None
+
+    def allows(self, address: str | None) -> bool:
+        """Whether a client at ``address`` (None: a Unix socket) may use this export."""
+        if self.allow is None:
+            return True
+        if address is None:
+            return "unix" in self.allow
+        ip = ipaddress.ip_address(address)
+        for entry in self.allow:
+            if entry != "unix" and ip in ipaddress.ip_network(entry, strict=False):
+                return True
+        return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +75,10 @@ class ServerConfig:
     handshake_timeout: float = 30.0
     shutdown_grace: float = 10.0
     default_export: str | None = None  # answers the empty export name
+    tls: str = "off"  # off | on | require
+    tls_certificates: str | None = None  # dir with ca-cert.pem, server-cert.pem, server-key.pem
+    tls_verify_peer: bool = False
+    tls_psk_file: str | None = None
 
     def __post_init__(self) -> None:
         if not self.exports:
@@ -60,6 +93,10 @@ class ServerConfig:
             raise ConfigError("nothing to listen on: give a TCP address or a socket")
         if self.max_inflight < 1 or self.max_connections < 1:
             raise ConfigError("max_inflight and max_connections must be at least 1")
+        if self.tls not in ("off", "on", "require"):
+            raise ConfigError(f"tls must be off, on or require, not {self.tls!r}")
+        if any(e.tls_required for e in self.exports) and self.tls == "off":
+            raise ConfigError("an export has tls_required but tls is off")
 
 
 _EXPORT_KEYS = {
@@ -73,6 +110,8 @@ _EXPORT_KEYS = {
     "max_chain_depth",
     "probe_raw",
     "settings",
+    "tls_required",
+    "allow",
 }
 _SERVER_KEYS = {
     "bind",
@@ -83,6 +122,10 @@ _SERVER_KEYS = {
     "handshake_timeout",
     "shutdown_grace",
     "default_export",
+    "tls",
+    "tls_certificates",
+    "tls_verify_peer",
+    "tls_psk_file",
 }
 
 
@@ -110,6 +153,9 @@ def config_from_mapping(data: Mapping[str, Any], *, origin: str = "config") -> S
         raise ConfigError(f"{origin}: 'export' must be an array of tables ([[export]])")
     base_dir = os.path.dirname(os.path.abspath(origin)) if origin != "config" else os.getcwd()
     exports = tuple(_export_from(e, i, origin, base_dir) for i, e in enumerate(raw_exports))
+    for key in ("socket", "tls_certificates", "tls_psk_file"):
+        if isinstance(server.get(key), str) and not os.path.isabs(server[key]):
+            server[key] = os.path.join(base_dir, server[key])
     try:
         return ServerConfig(exports=exports, **server)
     except TypeError as exc:
@@ -135,6 +181,8 @@ def _export_from(raw: Any, index: int, origin: str, base_dir: str) -> ExportConf
         values["backing_dirs"] = tuple(
             d if os.path.isabs(d) else os.path.join(base_dir, d) for d in values["backing_dirs"]
         )
+    if values.get("allow") is not None:
+        values["allow"] = tuple(values["allow"])
     settings = values.get("settings", {})
     if not isinstance(settings, dict):
         raise ConfigError(f"{where}: 'settings' must be a table")

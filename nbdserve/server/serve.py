@@ -23,6 +23,7 @@ from nbdserve.config import ServerConfig
 from nbdserve.errors import ConfigError
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.session import Session
+from nbdserve.server.tls import TlsMode, TlsSettings, server_context
 from nbdserve.server.transport import SocketTransport
 
 LOGGER = logging.getLogger(__name__)
@@ -79,6 +80,14 @@ async def serve(
 
 class _Server:
     def __init__(self, config: ServerConfig, registry: ExportRegistry, strict: bool) -> None:
+        self.tls_context = server_context(
+            TlsSettings(
+                TlsMode(config.tls),
+                config.tls_certificates,
+                config.tls_verify_peer,
+                config.tls_psk_file,
+            )
+        )
         self.config = config
         self.registry = registry
         self.strict = strict
@@ -139,7 +148,9 @@ class _Server:
 
     async def _run_session(self, stream: trio.SocketStream) -> None:
         transport = SocketTransport.from_stream(stream)
-        session = Session(transport, self.registry, self.config, strict=self.strict)
+        session = Session(
+            transport, self.registry, self.config, tls=self.tls_context, strict=self.strict
+        )
         self.sessions.add(session)
         try:
             await session.run()

@@ -23,6 +23,7 @@ taken back, so the connection is closed rather than corrupted.
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -32,9 +33,11 @@ from nbdserve.errors import NbdErrno, RemoteProtocolError
 from nbdserve.protocol import events as ev
 from nbdserve.protocol.connection import ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
+from nbdserve.server import tls
 from nbdserve.server.dispatch import SPARSE_READ_MIN, dispatch
 from nbdserve.server.exports import META_CONTEXT_IDS, Export, ExportRegistry
-from nbdserve.server.transport import Transport
+from nbdserve.server.tls import TlsMode
+from nbdserve.server.transport import SocketTransport, StreamTransport, Transport
 
 if TYPE_CHECKING:
     from nbdserve.block.device import BlockDevice
@@ -75,12 +78,17 @@ class Session:
         registry: ExportRegistry,
         config: ServerConfig,
         *,
+        tls: ssl.SSLContext | None = None,
         strict: bool = False,
     ) -> None:
         self.transport = transport
         self.registry = registry
         self.config = config
         self.peer = transport.peer
+        self.peer_address = transport.peer_address
+        self._tls_ctx = tls
+        self._tls_mode = TlsMode(config.tls)
+        self.tls_active = False
         self.strict = strict
         self.conn = ServerConnection(
             max_payload=32 * 1024 * 1024,
@@ -249,9 +257,42 @@ class Session:
                     return None
                 await self._reply(ev.OptionError(Rep.ERR_SHUTDOWN, "server is shutting down"))
                 continue
+            if self._needs_tls_first(event):
+                if isinstance(event, ev.OptExportName):
+                    self.end_reason = "EXPORT_NAME before the required TLS upgrade"
+                    return None  # cannot be refused politely (proto.md FORCEDTLS)
+                await self._reply(
+                    ev.OptionError(Rep.ERR_TLS_REQD, "TLS is required: send NBD_OPT_STARTTLS")
+                )
+                continue
             result = await self._option(event)
             if result is not None or isinstance(event, ev.OptAbort | ev.OptExportName):
                 return result
+
+    def _needs_tls_first(self, event: object) -> bool:
+        """FORCEDTLS: before the upgrade only STARTTLS and ABORT are answered."""
+        return (
+            self._tls_mode is TlsMode.REQUIRE
+            and not self.tls_active
+            and not isinstance(event, ev.OptStartTls | ev.OptAbort)
+        )
+
+    async def _start_tls(self) -> None:
+        """Upgrade the connection after acknowledging NBD_OPT_STARTTLS."""
+        assert self._tls_ctx is not None
+        transport = self.transport
+        if not isinstance(transport, SocketTransport):
+            raise RemoteProtocolError("TLS cannot be started twice")
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(transport.sock))
+        try:
+            tls_stream = await tls.upgrade(stream, self._tls_ctx)
+        except trio.BrokenResourceError as exc:
+            await trio.aclose_forcefully(stream)
+            cause = exc.__cause__ or exc
+            raise RemoteProtocolError(f"TLS handshake failed: {cause}") from None
+        self.transport = StreamTransport(tls_stream, self.peer, self.peer_address)
+        self.tls_active = True
+        LOGGER.info("event=tls client=%s version=%s", self.peer, tls_stream.version())
 
     async def _reply(self, *events: object) -> None:
         chunks: list[bytes | bytearray | memoryview] = []
@@ -263,8 +304,8 @@ class Session:
         match event:
             case ev.OptExportName(name=name):
                 export = self._usable_export(name)
-                if isinstance(export, str):
-                    LOGGER.info("client=%s export=%r refused: %s", self.peer, name, export)
+                if not isinstance(export, Export):
+                    LOGGER.info("client=%s export=%r refused: %s", self.peer, name, export[1])
                     return None  # EXPORT_NAME cannot fail politely: close
                 await self._reply(self._export_reply(export))
                 return export
@@ -273,16 +314,24 @@ class Session:
                 return None
             case ev.OptList():
                 replies: list[object] = [
-                    ev.ServerListReply(e.name, e.config.description) for e in self.registry
+                    ev.ServerListReply(e.name, e.config.description)
+                    for e in self.registry
+                    if self._visible(e)
                 ]
                 await self._reply(*replies, ev.OptionAck())
             case ev.OptStartTls():
-                await self._reply(ev.OptionError(Rep.ERR_POLICY, "TLS is not configured"))
+                if self._tls_ctx is None:
+                    await self._reply(ev.OptionError(Rep.ERR_POLICY, "TLS is not configured"))
+                elif self.tls_active:
+                    await self._reply(ev.OptionError(Rep.ERR_INVALID, "TLS is already active"))
+                else:
+                    await self._reply(ev.OptionAck())
+                    await self._start_tls()
             case ev.OptInfo(name=name) | ev.OptGo(name=name):
                 export = self._usable_export(name)
-                if isinstance(export, str):
-                    rep = Rep.ERR_UNKNOWN if export == "unknown export" else Rep.ERR_POLICY
-                    await self._reply(ev.OptionError(rep, f"{export}: {name!r}"))
+                if not isinstance(export, Export):
+                    rep, why = export
+                    await self._reply(ev.OptionError(rep, f"{why}: {name!r}"))
                     return None
                 await self._reply(self._export_reply(export))
                 if isinstance(event, ev.OptGo):
@@ -299,12 +348,22 @@ class Session:
                 raise AssertionError(f"unexpected handshake event {event!r}")
         return None
 
-    def _usable_export(self, name: str) -> Export | str:
+    def _visible(self, export: Export) -> bool:
+        """Whether this client may see the export (LIST, meta contexts)."""
+        cfg = export.config
+        return cfg.allows(self.peer_address) and (self.tls_active or not cfg.tls_required)
+
+    def _usable_export(self, name: str) -> Export | tuple[Rep, str]:
+        """The export, or the option error that refuses it to this client."""
         export = self.registry.lookup(name)
         if export is None:
-            return "unknown export"
+            return Rep.ERR_UNKNOWN, "unknown export"
+        if not export.config.allows(self.peer_address):
+            return Rep.ERR_POLICY, "access denied"
+        if export.config.tls_required and not self.tls_active:
+            return Rep.ERR_TLS_REQD, "export requires TLS"
         if not export.has_room():
-            return "export has reached its connection limit"
+            return Rep.ERR_POLICY, "export has reached its connection limit"
         return export
 
     def _export_reply(self, export: Export) -> ev.ExportReply:
@@ -324,7 +383,7 @@ class Session:
 
     async def _meta_context(self, event: ev.OptListMetaContext | ev.OptSetMetaContext) -> None:
         export = self.registry.lookup(event.export_name)
-        if export is None:
+        if export is None or not self._visible(export):
             await self._reply(ev.OptionError(Rep.ERR_UNKNOWN, "unknown export"))
             return
         listing = isinstance(event, ev.OptListMetaContext)

@@ -54,6 +54,9 @@ class Transport(Protocol):
     @property
     def peer(self) -> str: ...
 
+    @property
+    def peer_address(self) -> str | None: ...
+
 
 _BROKEN = (BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
@@ -84,6 +87,16 @@ class SocketTransport:
         if isinstance(peer, tuple):
             return f"{peer[0]}:{peer[1]}"
         return "unix"
+
+    @property
+    def peer_address(self) -> str | None:
+        """The client's IP address, or None for a Unix-socket client."""
+        if self.sock.family not in (stdsocket.AF_INET, stdsocket.AF_INET6):
+            return None
+        try:
+            return str(self.sock.getpeername()[0])
+        except OSError:
+            return None
 
     def _check(self) -> None:
         if self._closed:
@@ -185,13 +198,20 @@ class SocketTransport:
 class StreamTransport:
     """Any trio Stream (TLS, in-memory); no fast path."""
 
-    def __init__(self, stream: trio.abc.Stream, peer: str = "?") -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, peer: str = "?", peer_address: str | None = None
+    ) -> None:
         self.stream = stream
         self._peer = peer
+        self._peer_address = peer_address
 
     @property
     def peer(self) -> str:
         return self._peer
+
+    @property
+    def peer_address(self) -> str | None:
+        return self._peer_address
 
     def try_send(self, data: Buffer) -> int:
         return 0

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory backing files may come from (repeatable)",
     )
     serve.add_argument(
+        "--no-locking", action="store_true", help="do not take QEMU-compatible image locks"
+    )
+    serve.add_argument(
         "--no-probe-raw",
         action="store_true",
         help="refuse images whose format cannot be recognised",
@@ -209,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         backing_dirs=tuple(args.backing_dir) if args.backing_dir else None,
         probe_raw=not args.no_probe_raw,
         allow=tuple(args.allow) if args.allow else None,
+        locking=not args.no_locking,
     )
     bind = None if args.socket and args.bind is None else (args.bind or DEFAULT_BIND)
     kwargs: dict[str, object] = _tls_args(args)

@@ -34,6 +34,7 @@ class ExportConfig:
     probe_raw: bool = True
     # format-specific settings passed to the driver at open (e.g. prealloc_mode)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    locking: bool = True  # QEMU-compatible image locks while the export is open
     tls_required: bool = False  # with tls = "on": only clients that upgraded may use it
     # client addresses allowed to see and use the export: CIDR networks, and
     # "unix" for Unix-socket clients; None allows everyone
@@ -112,6 +113,7 @@ _EXPORT_KEYS = {
     "settings",
     "tls_required",
     "allow",
+    "locking",
 }
 _SERVER_KEYS = {
     "bind",

@@ -65,6 +65,10 @@ class InvalidImageError(ImageError):
     """Bad magic, version, feature bits or limits in an image header."""
 
 
+class ImageLockedError(ImageError):
+    """Another process (QEMU, another nbdserve) holds a conflicting image lock."""
+
+
 class BackingChainError(ImageError):
     """A backing file is missing, loops, is too deep or is not allowed."""
 

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from nbdserve.block import formats
-from nbdserve.block.file import FileBackend
+from nbdserve.block.file import (
+    PERM_CONSISTENT_READ,
+    PERM_RESIZE,
+    PERM_WRITE,
+    FileBackend,
+)
 from nbdserve.errors import BackingChainError, ImageError, UnknownFormatError
 
 if TYPE_CHECKING:
@@ -39,6 +44,8 @@ class ChainOptions:
     settings: dict[str, object] = field(default_factory=dict)
     # settings for backing layers (read-only; e.g. a parallels base)
     backing_settings: dict[str, object] = field(default_factory=dict)
+    # take QEMU-compatible image locks (the server does; tools unless told not to)
+    locking: bool = False
 
 
 @dataclass(slots=True)
@@ -69,8 +76,9 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
                 raise BackingChainError(
                     f"backing chain of {path} is deeper than {options.max_depth}"
                 )
+            lock = None if not options.locking else "backing" if layers else "top"
             driver = await _open_layer(
-                cur_path, fmt, read_only, options.probe_raw, settings, seen, allowed
+                cur_path, fmt, read_only, options.probe_raw, settings, seen, allowed, lock
             )
             layers.append(driver)
             if layers[:-1]:
@@ -119,6 +127,7 @@ async def _open_layer(
     settings: dict[str, object],
     seen: set[tuple[int, int]],
     allowed: Sequence[str] | None = None,
+    lock: str | None = None,
 ) -> FormatDriver:
     file = FileBackend.open(path, read_only=read_only)
     try:
@@ -130,6 +139,8 @@ async def _open_layer(
         if fmt is None:
             header = bytes(await file.pread(0, formats.PROBE_SIZE))
             fmt = formats.probe(header, allow_raw=probe_raw)
+        if lock is not None:
+            file.lock(*lock_bits(fmt, backing=lock == "backing", read_only=read_only))
         module = formats.load(fmt)
         open_options = formats.OpenOptions(
             read_only, settings, allowed_dirs=None if allowed is None else tuple(allowed)
@@ -148,6 +159,22 @@ async def _open_layer(
     except BaseException:
         await file.aclose()
         raise
+
+
+def lock_bits(fmt: str, *, backing: bool, read_only: bool) -> tuple[list[int], list[int]]:
+    """The (perms, unshared) QEMU takes for such a node (seen in /proc/locks).
+
+    Formats with metadata of their own refuse other writers, raw does not;
+    a backing file refuses writers; a writable top layer may resize.
+    """
+    metadata = fmt != "raw"
+    if backing:
+        return [PERM_CONSISTENT_READ], [PERM_WRITE, PERM_RESIZE]
+    perms = [PERM_CONSISTENT_READ]
+    if not read_only:
+        perms += [PERM_WRITE, PERM_RESIZE] if metadata else [PERM_WRITE]
+    unshared = [PERM_WRITE, PERM_RESIZE] if metadata else [PERM_RESIZE]
+    return perms, unshared
 
 
 def _is_nbd_reference(ref: str) -> bool:

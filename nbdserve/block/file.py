@@ -16,14 +16,16 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import fcntl
 import os
 import stat
+import struct
 from typing import TYPE_CHECKING
 
 import trio
 
 from nbdserve.block.base import fill_zeros
-from nbdserve.errors import HostIOError, NotSupportedError, from_os_error
+from nbdserve.errors import HostIOError, ImageLockedError, NotSupportedError, from_os_error
 
 if TYPE_CHECKING:
     from nbdserve.block.base import Buffer
@@ -65,6 +67,22 @@ def _fallocate_or_raise(fd: int, mode: int, offset: int, length: int) -> None:
     if _fallocate(fd, mode, offset, length) != 0:
         code = ctypes.get_errno()
         raise OSError(code, os.strerror(code))
+
+
+# QEMU's image locking (block/file-posix.c): one byte per permission in two
+# ranges of open-file-description locks.  A shared lock at PERM_BASE + bit
+# says "I use this permission"; one at SHARED_BASE + bit says "I don't let
+# others have it".  Taking the same bytes QEMU takes makes QEMU and nbdserve
+# refuse each other exactly as two QEMUs would.
+LOCK_PERM_BASE = 100
+LOCK_SHARED_BASE = 200
+PERM_CONSISTENT_READ = 0
+PERM_WRITE = 1
+PERM_RESIZE = 3
+_F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_FLOCK = struct.Struct("hhxxxxqqixxxx")  # struct flock on LP64 Linux
+_PERM_NAMES = {PERM_CONSISTENT_READ: "consistent read", PERM_WRITE: "write", PERM_RESIZE: "resize"}
 
 
 class FileBackend:
@@ -327,6 +345,47 @@ class FileBackend:
             out.append((pos, n, True))
             pos += n
         return out
+
+    # ---- locking ------------------------------------------------------------
+
+    def lock(self, perms: list[int], unshared: list[int]) -> None:
+        """Take QEMU-compatible locks: use ``perms``, refuse others ``unshared``.
+
+        Raises ImageLockedError when another process holds a conflicting lock
+        (it uses a permission we refuse to share, or refuses one we use).
+        """
+        for bit in perms:
+            self._set_lock(LOCK_PERM_BASE + bit)
+        for bit in unshared:
+            self._set_lock(LOCK_SHARED_BASE + bit)
+        for bit in perms:
+            if self._locked_elsewhere(LOCK_SHARED_BASE + bit):
+                raise ImageLockedError(
+                    f"{self.path} is in use: another process does not share the "
+                    f"{_PERM_NAMES[bit]!r} permission (is QEMU using it?)"
+                )
+        for bit in unshared:
+            if self._locked_elsewhere(LOCK_PERM_BASE + bit):
+                raise ImageLockedError(
+                    f"{self.path} is in use: another process holds the "
+                    f"{_PERM_NAMES[bit]!r} permission (is QEMU using it?)"
+                )
+
+    def _set_lock(self, byte: int) -> None:
+        try:
+            fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise ImageLockedError(f"{self.path} is locked by another process") from None
+            raise from_os_error(exc, f"lock {self.path}") from exc
+
+    def _locked_elsewhere(self, byte: int) -> bool:
+        probe = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+        try:
+            result = fcntl.fcntl(self.fd, _F_OFD_GETLK, probe)
+        except OSError as exc:
+            raise from_os_error(exc, f"lock {self.path}") from exc
+        return bool(_FLOCK.unpack(result)[0] != fcntl.F_UNLCK)
 
     # ---- lifetime -----------------------------------------------------------
 

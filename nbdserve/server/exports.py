@@ -139,6 +139,7 @@ async def open_export(cfg: ExportConfig, force_read_only: bool = False) -> Expor
         backing_dirs=cfg.backing_dirs,
         probe_raw=cfg.probe_raw,
         settings=dict(cfg.settings),
+        locking=cfg.locking,
     )
     try:
         chain = await open_chain(cfg.path, options)

@@ -43,13 +43,7 @@ def _base_pattern(size: int) -> bytes:
 
 
 # Known failures, tracked until fixed: remove the entry when it passes.
-KNOWN_BROKEN: dict[tuple[str, str], str] = {
-    ("fvd-over-raw", "test_read_after_write_unaligned"): (
-        "FVD partial-block write over a base: the written head of a partial block "
-        "reads back wrong (e.g. write 563564+149214 with 64 KiB blocks)"
-    ),
-    ("fvd-over-raw", "test_flush_and_reopen_persist"): "same FVD partial-block bug",
-}
+KNOWN_BROKEN: dict[tuple[str, str], str] = {}
 
 
 @pytest.fixture(autouse=True)

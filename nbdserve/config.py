@@ -73,6 +73,7 @@ class ServerConfig:
     socket: str | None = None
     max_connections: int = 1024
     max_inflight: int = 64  # per connection, requests handled off the fast path
+    max_inflight_bytes: int = 128 * 1024 * 1024  # per connection, their payloads and replies
     handshake_timeout: float = 30.0
     shutdown_grace: float = 10.0
     default_export: str | None = None  # answers the empty export name
@@ -121,6 +122,7 @@ _SERVER_KEYS = {
     "socket",
     "max_connections",
     "max_inflight",
+    "max_inflight_bytes",
     "handshake_timeout",
     "shutdown_grace",
     "default_export",

@@ -65,6 +65,13 @@ class _FileReply(NamedTuple):
     length: int
 
 
+def _cost(req: ev.Request) -> int:
+    """Bytes a deferred request holds: its payload or the reply it builds."""
+    if req.cmd in (_READ, _WRITE):
+        return req.length
+    return 0
+
+
 class Session:
     """A client from greeting to close.
 
@@ -97,6 +104,9 @@ class Session:
         self.export: Export | None = None
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(config.max_inflight)
+        self._bytes_budget = config.max_inflight_bytes
+        self._inflight_bytes = 0
+        self._bytes_freed = trio.Event()
         self._reader_scope = trio.CancelScope()
         self._broken = False
         self.end_reason = "closed"
@@ -534,13 +544,28 @@ class Session:
                 raise
 
     async def _spawn(self, nursery: trio.Nursery, req: ev.Request, device: BlockDevice) -> None:
+        """Start ``req`` in a task once a slot and its bytes fit the connection's budget.
+
+        Waiting here is the back-pressure: the reader stops reading, so a
+        client cannot make the server hold more than ``max_inflight`` requests
+        or ``max_inflight_bytes`` of payloads and replies.
+        """
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             await self._slots.acquire()
-        nursery.start_soon(self._handle, req, device)
+        cost = _cost(req)
+        try:
+            while self._inflight_bytes and self._inflight_bytes + cost > self._bytes_budget:
+                self._bytes_freed = trio.Event()
+                await self._bytes_freed.wait()
+        except BaseException:
+            self._slots.release()
+            raise
+        self._inflight_bytes += cost
+        nursery.start_soon(self._handle, req, device, cost)
 
-    async def _handle(self, req: ev.Request, device: BlockDevice) -> None:
+    async def _handle(self, req: ev.Request, device: BlockDevice, cost: int) -> None:
         try:
             chunks = await dispatch(self.conn, device, req, strict=self.strict)
             try:
@@ -550,3 +575,5 @@ class Session:
                 self._reader_scope.cancel()
         finally:
             self._slots.release()
+            self._inflight_bytes -= cost
+            self._bytes_freed.set()

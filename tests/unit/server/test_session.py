@@ -771,3 +771,43 @@ async def test_shutdown_answers_every_request_it_read(image: tuple[Path, bytearr
     got = {r.handle: r.error for r in replies}
     assert got.get(h1) == 0
     assert got.get(h2) in (0, NbdErrno.ESHUTDOWN)
+
+
+async def test_inflight_bytes_budget_bounds_what_a_connection_holds(
+    image: tuple[Path, bytearray],
+) -> None:
+    """Deferred reads stop being started once their bytes exceed the budget."""
+    release = trio.Event()
+    active = 0
+    peak = 0
+    async with serving(
+        export(image[0], "disk"), max_inflight=64, max_inflight_bytes=2 * MiB
+    ) as srv:
+        assert srv.registry is not None
+        device = srv.registry.lookup("disk").device  # type: ignore[union-attr]
+        real_readinto = device.readinto
+
+        async def slow_readinto(offset: int, view: memoryview) -> None:
+            nonlocal active, peak
+            active += 1
+            peak = max(peak, active)
+            await release.wait()
+            await real_readinto(offset, view)
+            active -= 1
+
+        device.readinto = slow_readinto  # type: ignore[method-assign]
+        device.inline_reader = lambda max_length: None  # type: ignore[method-assign]
+        device.zero_copy_region = lambda offset, length: None  # type: ignore[method-assign]
+        c = await connect(srv)
+        await c.go("disk")
+        handles = [c.new_handle() for _ in range(16)]
+        half = MiB // 2
+        await c.send(b"".join(c.codec.request(Cmd.READ, h, 0, half) for h in handles))
+        await trio.testing.wait_all_tasks_blocked()
+        assert active == 4, "a 2 MiB budget holds four 512 KiB reads"
+        release.set()
+        replies = await c.replies(len(handles))
+        await c.aclose()
+    assert peak == 4
+    assert sorted(replies) == sorted(handles)
+    assert all(r.error == 0 and r.data == image[1][: MiB // 2] for r in replies.values())

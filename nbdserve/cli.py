@@ -113,6 +113,11 @@ def build_parser() -> argparse.ArgumentParser:
         "'unix' for Unix-socket clients)",
     )
     serve.add_argument(
+        "--metrics",
+        metavar="[HOST:]PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (host default 127.0.0.1)",
+    )
+    serve.add_argument(
         "--tls",
         choices=["off", "on", "require"],
         default=None,
@@ -193,6 +198,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         if args.socket is not None:
             overrides["socket"] = args.socket
         overrides.update(_tls_args(args))
+        if args.metrics:
+            overrides["metrics"] = args.metrics
         if overrides:
             from dataclasses import replace
 
@@ -216,6 +223,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     )
     bind = None if args.socket and args.bind is None else (args.bind or DEFAULT_BIND)
     kwargs: dict[str, object] = _tls_args(args)
+    if args.metrics:
+        kwargs["metrics"] = args.metrics
     if args.max_connections is not None:
         kwargs["max_connections"] = args.max_connections
     return ServerConfig(

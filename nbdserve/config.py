@@ -77,6 +77,7 @@ class ServerConfig:
     handshake_timeout: float = 30.0
     shutdown_grace: float = 10.0
     default_export: str | None = None  # answers the empty export name
+    metrics: str | None = None  # "HOST:PORT" of the Prometheus endpoint; None: off
     tls: str = "off"  # off | on | require
     tls_certificates: str | None = None  # dir with ca-cert.pem, server-cert.pem, server-key.pem
     tls_verify_peer: bool = False
@@ -126,6 +127,7 @@ _SERVER_KEYS = {
     "handshake_timeout",
     "shutdown_grace",
     "default_export",
+    "metrics",
     "tls",
     "tls_certificates",
     "tls_verify_peer",

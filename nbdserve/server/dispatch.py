@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from nbdserve.block.device import BlockDevice
     from nbdserve.protocol.connection import ServerConnection
     from nbdserve.protocol.events import Request
+    from nbdserve.server.stats import ExportStats
 
 LOGGER = logging.getLogger(__name__)
 
@@ -34,12 +35,19 @@ SPARSE_READ_MIN = 1024 * 1024
 
 
 async def dispatch(
-    conn: ServerConnection, device: BlockDevice, req: Request, *, strict: bool = False
+    conn: ServerConnection,
+    device: BlockDevice,
+    req: Request,
+    *,
+    strict: bool = False,
+    stats: ExportStats | None = None,
 ) -> Chunks:
     """Run one request and return the reply chunks to send."""
     try:
         return await _run(conn, device, req)
     except BlockError as exc:
+        if stats is not None:
+            stats.errors += 1
         errno = to_nbd_errno(
             exc,
             fast_zero=bool(req.flags & CmdFlag.FAST_ZERO),
@@ -51,6 +59,8 @@ async def dispatch(
             LOGGER.debug("request %s refused: %s", _describe(req), exc)
         return [conn.reply_error(req.handle, errno, str(exc), req.offset)]
     except Exception:
+        if stats is not None:
+            stats.errors += 1
         if strict:
             raise
         LOGGER.exception("internal error on request %s", _describe(req))

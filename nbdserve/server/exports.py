@@ -11,6 +11,7 @@ from nbdserve.block.device import BlockDevice
 from nbdserve.config import ExportConfig
 from nbdserve.errors import ConfigError, ImageError, NbdServeError
 from nbdserve.protocol.constants import TxFlag
+from nbdserve.server.stats import ExportStats
 
 LOGGER = logging.getLogger(__name__)
 
@@ -27,6 +28,7 @@ class Export:
     device: BlockDevice
     connections: int = 0
     contexts: tuple[str, ...] = (BASE_ALLOCATION, ALLOCATION_DEPTH)
+    stats: ExportStats = field(default_factory=ExportStats)
     _flags: TxFlag = field(default=TxFlag(0))
 
     @property

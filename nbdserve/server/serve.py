@@ -22,6 +22,7 @@ import trio
 from nbdserve.config import ServerConfig
 from nbdserve.errors import ConfigError
 from nbdserve.server.exports import ExportRegistry
+from nbdserve.server.metrics import parse_address, serve_metrics
 from nbdserve.server.session import Session
 from nbdserve.server.tls import TlsMode, TlsSettings, server_context
 from nbdserve.server.transport import SocketTransport
@@ -37,6 +38,7 @@ class ServerHandle:
     unix_paths: list[str] = field(default_factory=list)
     _stop: trio.Event = field(default_factory=trio.Event)
     registry: ExportRegistry | None = None
+    metrics_address: tuple[str, int] | None = None
 
     @property
     def port(self) -> int:
@@ -68,6 +70,9 @@ async def serve(
         async with trio.open_nursery() as background:
             for export in registry:
                 await background.start(export.chain.top.run_background)
+            if config.metrics is not None:
+                host, port = parse_address(config.metrics)
+                handle.metrics_address = await background.start(serve_metrics, registry, host, port)
             await server.run(listeners, handle, task_status, handle_signals)
             background.cancel_scope.cancel()
     finally:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from time import perf_counter
 from typing import TYPE_CHECKING, NamedTuple
 
 import trio
@@ -36,6 +37,7 @@ from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
 from nbdserve.server import tls
 from nbdserve.server.dispatch import SPARSE_READ_MIN, dispatch
 from nbdserve.server.exports import META_CONTEXT_IDS, Export, ExportRegistry
+from nbdserve.server.stats import ExportStats
 from nbdserve.server.tls import TlsMode
 from nbdserve.server.transport import SocketTransport, StreamTransport, Transport
 
@@ -110,6 +112,7 @@ class Session:
         self._reader_scope = trio.CancelScope()
         self._broken = False
         self.end_reason = "closed"
+        self.stats = ExportStats()  # replaced by the export's once one is chosen
         self._max_read = self.conn.max_payload + 1
         self.requests = 0
 
@@ -146,12 +149,15 @@ class Session:
 
     async def _serve(self, export: Export) -> None:
         self.export = export
+        self.stats = export.stats
         export.connections += 1
+        export.stats.clients += 1
         try:
             LOGGER.info("event=attach client=%s export=%s", self.peer, export.name)
             await self._transmission(export)
         finally:
             export.connections -= 1
+            export.stats.clients -= 1
 
     async def _send(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         await self._guarded_send(self._write, chunks)
@@ -430,11 +436,13 @@ class Session:
     async def _read_loop(self, export: Export, nursery: trio.Nursery) -> None:
         conn = self.conn
         device = export.device
+        stats = self.stats
         while True:
             events = conn.next_events()
             if not events:
                 await self._receive()
                 continue
+            started = perf_counter()
             self.requests += len(events)
             out: list[bytes | bytearray | memoryview] = []
             files: list[_FileReply] = []
@@ -446,6 +454,9 @@ class Session:
                 await self._send(out)
             for file_reply in files:
                 await self._send_file(file_reply)
+            answered = len(out) + len(files)
+            if answered:
+                stats.observe(perf_counter() - started, answered)
             await self._start_all(nursery, deferred, device)
             last = events[-1]
             if isinstance(last, ev.Disconnect | ev.ConnectionClosed):
@@ -476,11 +487,13 @@ class Session:
         try_write = device.try_write
         reply_ok = conn.reply_ok
         zero_copy = device.zero_copy_region
+        count = self.stats.count
         deferred: list[ev.Request] = []
         for event in events:
             if type(event) is request_t:
                 req: ev.Request = event
                 cmd = req.cmd
+                count(cmd, req.length)
                 if cmd == read_cmd and req.length >= ZERO_COPY_MIN:
                     region = zero_copy(req.offset, req.length)
                     if region is not None:
@@ -501,6 +514,8 @@ class Session:
                         continue
                 deferred.append(req)
             elif isinstance(event, ev.InvalidRequest):
+                count(event.cmd)
+                self.stats.errors += 1
                 out.append(conn.reply_error(event.handle, event.errno, event.reason, event.offset))
             elif not isinstance(event, ev.Disconnect | ev.ConnectionClosed):
                 raise AssertionError(f"unexpected transmission event {event!r}")
@@ -566,14 +581,19 @@ class Session:
         nursery.start_soon(self._handle, req, device, cost)
 
     async def _handle(self, req: ev.Request, device: BlockDevice, cost: int) -> None:
+        stats = self.stats
+        started = perf_counter()
+        stats.inflight += 1
         try:
-            chunks = await dispatch(self.conn, device, req, strict=self.strict)
+            chunks = await dispatch(self.conn, device, req, strict=self.strict, stats=stats)
             try:
                 await self._send(chunks)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # the client went away; the request itself is complete
                 self._reader_scope.cancel()
         finally:
+            stats.inflight -= 1
+            stats.observe(perf_counter() - started)
             self._slots.release()
             self._inflight_bytes -= cost
             self._bytes_freed.set()

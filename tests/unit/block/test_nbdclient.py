@@ -121,8 +121,16 @@ async def test_reads_from_qemu_nbd(tmp_path: Path) -> None:
     )
     try:
         with trio.fail_after(10):
-            while not sock.exists():
-                await trio.sleep(0.02)
+            # the socket file appears at bind(), before qemu-nbd listens: wait
+            # until a connection is accepted
+            while True:
+                try:
+                    probe = await trio.open_unix_socket(str(sock))
+                except OSError:
+                    await trio.sleep(0.02)
+                    continue
+                await probe.aclose()
+                break
         driver = await open_nbd_uri(unix_uri(sock, "q"))
         try:
             assert await BlockDevice(driver, read_only=True).read(0, 4 * MIB) == data
@@ -132,7 +140,10 @@ async def test_reads_from_qemu_nbd(tmp_path: Path) -> None:
             await driver.aclose()
     finally:
         proc.terminate()
-        with trio.fail_after(10):
+        with trio.move_on_after(5):
+            await proc.wait()
+        if proc.returncode is None:
+            proc.kill()
             await proc.wait()
 
 

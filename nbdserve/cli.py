@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import trio
 
@@ -254,19 +254,26 @@ def _tls_args(args: argparse.Namespace) -> dict[str, object]:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     config = config_from_args(args)
-    run_server(config, pid_file=args.pid_file)
+    reload = (lambda: config_from_args(args)) if args.config else None
+    run_server(config, pid_file=args.pid_file, reload=reload)
     return 0
 
 
 def run_server(
-    config: ServerConfig, *, pid_file: str | None = None, on_ready: object = None
+    config: ServerConfig,
+    *,
+    pid_file: str | None = None,
+    on_ready: object = None,
+    reload: Callable[[], ServerConfig] | None = None,
 ) -> None:
     from nbdserve.server.serve import ServerHandle, serve
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             handle: ServerHandle = await nursery.start(
-                lambda task_status: serve(config, task_status=task_status, handle_signals=True)
+                lambda task_status: serve(
+                    config, task_status=task_status, handle_signals=True, reload=reload
+                )
             )
             if pid_file:
                 with open(pid_file, "w") as f:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+
+import trio
 
 from nbdserve.block.base import Support
 from nbdserve.block.chain import Chain, ChainOptions, open_chain
@@ -29,6 +32,8 @@ class Export:
     connections: int = 0
     contexts: tuple[str, ...] = (BASE_ALLOCATION, ALLOCATION_DEPTH)
     stats: ExportStats = field(default_factory=ExportStats)
+    background_scope: trio.CancelScope | None = None
+    background_done: trio.Event | None = None
     _flags: TxFlag = field(default=TxFlag(0))
 
     @property
@@ -80,11 +85,20 @@ class Export:
 
 
 class ExportRegistry:
-    """Owns every open export; closing it flushes and closes every image."""
+    """Owns every open export; closing it flushes and closes every image.
 
-    def __init__(self, default_export: str | None = None) -> None:
+    Exports removed by a reload stop being visible at once but stay open
+    ("draining") until their last client leaves; a replacement that needs the
+    same image (its lock) is opened when the old one closes.
+    """
+
+    def __init__(self, default_export: str | None = None, force_read_only: bool = False) -> None:
         self._exports: dict[str, Export] = {}
+        self._draining: list[Export] = []
+        self._pending: dict[str, ExportConfig] = {}
+        self._nursery: trio.Nursery | None = None
         self.default_export = default_export
+        self.force_read_only = force_read_only
         self.shutting_down = False
 
     @classmethod
@@ -95,7 +109,7 @@ class ExportRegistry:
         default_export: str | None = None,
         force_read_only: bool = False,
     ) -> ExportRegistry:
-        registry = cls(default_export)
+        registry = cls(default_export, force_read_only)
         try:
             for cfg in configs:
                 registry._exports[cfg.name] = await open_export(cfg, force_read_only)
@@ -112,24 +126,99 @@ class ExportRegistry:
             export = next(iter(self._exports.values()))
         return export
 
-    def __iter__(self):  # type: ignore[no-untyped-def]
-        return iter(self._exports.values())
+    def __iter__(self) -> Iterator[Export]:
+        return iter(list(self._exports.values()))
 
     def __len__(self) -> int:
         return len(self._exports)
 
+    # ---- background work (e.g. FVD prefetch), one cancel scope per export ----
+
+    async def start_background(self, nursery: trio.Nursery) -> None:
+        """Run every export's background work in ``nursery`` (owned by serve())."""
+        self._nursery = nursery
+        for export in list(self._exports.values()):
+            await self._start_background(export)
+
+    async def _start_background(self, export: Export) -> None:
+        if self._nursery is not None:
+            await self._nursery.start(self._run_background, export)
+
+    async def _run_background(
+        self, export: Export, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        done = trio.Event()
+        export.background_done = done
+        try:
+            with trio.CancelScope() as scope:
+                export.background_scope = scope
+                await export.chain.top.run_background(task_status=task_status)
+        finally:
+            done.set()
+
+    # ---- reload -----------------------------------------------------------------
+
+    async def reload(self, configs: tuple[ExportConfig, ...]) -> None:
+        """Make the export list match ``configs`` without dropping clients."""
+        wanted = {cfg.name: cfg for cfg in configs}
+        for name, export in list(self._exports.items()):
+            if wanted.get(name) != export.config:
+                del self._exports[name]
+                self._draining.append(export)
+                LOGGER.info("event=export-removed export=%s clients=%d", name, export.connections)
+                await self.release(export)
+        for name, cfg in wanted.items():
+            if name not in self._exports:
+                await self._add(cfg)
+
+    async def _add(self, cfg: ExportConfig) -> None:
+        try:
+            export = await open_export(cfg, self.force_read_only)
+        except ConfigError as exc:
+            if any(d.config.path == cfg.path for d in self._draining):
+                LOGGER.info("event=export-pending export=%s reason=%r", cfg.name, str(exc))
+                self._pending[cfg.name] = cfg  # retried when the old one closes
+            else:
+                LOGGER.error("event=export-failed export=%s error=%r", cfg.name, str(exc))
+            return
+        self._pending.pop(cfg.name, None)
+        self._exports[cfg.name] = export
+        LOGGER.info("event=export-added export=%s", cfg.name)
+        await self._start_background(export)
+
+    async def release(self, export: Export) -> None:
+        """A client left ``export``: close it if it was removed and is now idle."""
+        if export.connections or export not in self._draining:
+            return
+        self._draining.remove(export)
+        with trio.CancelScope(shield=True):
+            await _close_export(export)
+            for cfg in list(self._pending.values()):
+                if cfg.path == export.config.path:
+                    await self._add(cfg)
+
     async def aclose(self) -> None:
         first: BaseException | None = None
-        for export in list(self._exports.values()):
+        for export in [*self._exports.values(), *self._draining]:
             try:
-                await export.chain.aclose()
-                LOGGER.info("export=%s closed", export.name)
+                await _close_export(export)
             except NbdServeError as exc:
                 LOGGER.error("export=%s close failed: %s", export.name, exc)
                 first = first or exc
         self._exports.clear()
+        self._draining.clear()
         if first is not None:
             raise first
+
+
+async def _close_export(export: Export) -> None:
+    """Stop the export's background work, then flush and close its images."""
+    if export.background_scope is not None:
+        export.background_scope.cancel()
+        assert export.background_done is not None
+        await export.background_done.wait()
+    await export.chain.aclose()
+    LOGGER.info("export=%s closed", export.name)
 
 
 async def open_export(cfg: ExportConfig, force_read_only: bool = False) -> Export:

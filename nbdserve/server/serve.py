@@ -14,13 +14,13 @@ import os
 import signal
 import socket as stdsocket
 import stat
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
 
 from nbdserve.config import ServerConfig
-from nbdserve.errors import ConfigError
+from nbdserve.errors import ConfigError, NbdServeError
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.metrics import parse_address, serve_metrics
 from nbdserve.server.session import Session
@@ -56,8 +56,13 @@ async def serve(
     handle_signals: bool = False,
     strict: bool = False,
     force_read_only: bool = False,
+    reload: Callable[[], ServerConfig] | None = None,
 ) -> None:
-    """Serve until shutdown is requested (signal or ``ServerHandle.shutdown``)."""
+    """Serve until shutdown is requested (signal or ``ServerHandle.shutdown``).
+
+    ``reload`` re-reads the configuration on SIGHUP (with ``handle_signals``):
+    exports are added and removed, existing clients keep their exports.
+    """
     registry = await ExportRegistry.open(
         config.exports, default_export=config.default_export, force_read_only=force_read_only
     )
@@ -66,10 +71,9 @@ async def serve(
         listeners, handle = await _open_listeners(config)
         unix_paths = handle.unix_paths
         handle.registry = registry
-        server = _Server(config, registry, strict)
+        server = _Server(config, registry, strict, reload)
         async with trio.open_nursery() as background:
-            for export in registry:
-                await background.start(export.chain.top.run_background)
+            await registry.start_background(background)
             if config.metrics is not None:
                 host, port = parse_address(config.metrics)
                 handle.metrics_address = await background.start(serve_metrics, registry, host, port)
@@ -84,7 +88,14 @@ async def serve(
 
 
 class _Server:
-    def __init__(self, config: ServerConfig, registry: ExportRegistry, strict: bool) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        registry: ExportRegistry,
+        strict: bool,
+        reload: Callable[[], ServerConfig] | None = None,
+    ) -> None:
+        self.reload = reload
         self.tls_context = server_context(
             TlsSettings(
                 TlsMode(config.tls),
@@ -127,11 +138,27 @@ class _Server:
             sessions.cancel_scope.deadline = trio.current_time() + self.config.shutdown_grace
 
     async def _watch_signals(self, handle: ServerHandle) -> None:
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
             async for signum in signals:
                 LOGGER.info("event=signal signal=%s", signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    await self.reload_exports()
+                    continue
                 handle.shutdown()
                 return
+
+    async def reload_exports(self) -> None:
+        """SIGHUP: re-read the configuration and apply its export list."""
+        if self.reload is None:
+            LOGGER.warning("event=reload-skipped reason='no configuration file to re-read'")
+            return
+        try:
+            config = self.reload()
+        except NbdServeError as exc:
+            LOGGER.error("event=reload-failed error=%r", str(exc))
+            return
+        await self.registry.reload(config.exports)
+        LOGGER.info("event=reloaded exports=%d", len(self.registry))
 
     async def _accept_loop(self, listener: trio.SocketListener, sessions: trio.Nursery) -> None:
         while True:
@@ -172,6 +199,15 @@ async def _open_listeners(
     config: ServerConfig,
 ) -> tuple[list[trio.SocketListener], ServerHandle]:
     handle = ServerHandle()
+    activated = systemd_listeners()
+    if activated:
+        for listener in activated:
+            name = listener.socket.getsockname()
+            if isinstance(name, tuple):
+                handle.tcp_addresses.append((name[0], name[1]))
+            else:
+                LOGGER.info("event=listening socket=%s (socket activation)", name)
+        return activated, handle
     listeners: list[trio.SocketListener] = []
     try:
         if config.bind is not None:
@@ -197,6 +233,33 @@ async def _open_listeners(
             await listener.aclose()
         raise
     return listeners, handle
+
+
+SD_LISTEN_FDS_START = 3
+
+
+def systemd_listeners() -> list[trio.SocketListener]:
+    """Listening sockets passed by systemd socket activation (sd_listen_fds).
+
+    Used only when LISTEN_PID names this process; the variables are removed
+    so child processes do not inherit them.
+    """
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        raise ConfigError("LISTEN_FDS is not a number") from None
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    listeners = []
+    for fd in range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count):
+        sock = stdsocket.socket(fileno=fd)
+        if sock.type != stdsocket.SOCK_STREAM:
+            raise ConfigError(f"socket-activation fd {fd} is not a stream socket")
+        os.set_inheritable(fd, False)
+        listeners.append(trio.SocketListener(trio.socket.from_stdlib_socket(sock)))
+    return listeners
 
 
 def _open_unix_listener(path: str) -> trio.SocketListener:

@@ -158,6 +158,7 @@ class Session:
         finally:
             export.connections -= 1
             export.stats.clients -= 1
+            await self.registry.release(export)
 
     async def _send(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         await self._guarded_send(self._write, chunks)

@@ -55,8 +55,8 @@ async def test_reload_adds_removes_and_keeps_clients(tmp_path: Path) -> None:
 async def test_reload_replaces_a_changed_export_after_its_clients_leave(tmp_path: Path) -> None:
     require_tools("qemu-img")
     path = tmp_path / "x.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-f", "qcow2", str(path), "1M"], check=True, capture_output=True
+    await trio.run_process(
+        ["qemu-img", "create", "-f", "qcow2", str(path), "1M"], capture_stdout=True
     )
     # a qcow2 image refuses a second writer, so the replacement must wait
     old = export(path, "x", format="qcow2", description="old")

@@ -1,0 +1,102 @@
+"""The benchmark harness runs end to end: prepare, one 1-second job, figures, JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import require_tools
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow
+
+
+def nbdbench(*argv: str) -> subprocess.CompletedProcess[str]:
+    p = subprocess.run(
+        [sys.executable, "-m", "tests.bench.nbdbench", *argv],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    assert p.returncode == 0, f"nbdbench {argv[0]} exited {p.returncode}:\n{p.stdout}\n{p.stderr}"
+    return p
+
+
+def test_compare_one_workload_one_second(tmp_path: Path) -> None:
+    require_tools("fio", "qemu-img", "nbdinfo", "nbdkit")
+    out = tmp_path / "out.json"
+    p = nbdbench(
+        "compare",
+        "--dir",
+        str(tmp_path / "scratch"),
+        "--size",
+        "32M",
+        "--format",
+        "raw",
+        "--server",
+        "nbdserve",
+        "--server",
+        "nbdkit-file",
+        "--workloads",
+        "randread-4k-qd16",
+        "--runtime",
+        "1",
+        "--ramp",
+        "0",
+        "--json-out",
+        str(out),
+    )
+    result: dict[str, Any] = json.loads(out.read_text())
+    by_server = {r["server"]: r for r in result["records"]}
+    assert set(by_server) == {"nbdserve", "nbdkit-file"}
+    for r in by_server.values():
+        assert "error" not in r, r["error"]
+        assert r["workload"] == "randread-4k-qd16"
+        assert r["iops"] > 100
+        assert r["mib_s"] == pytest.approx(r["iops"] * 4096 / (1 << 20), rel=0.01)
+        assert r["rss_mib"] > 1
+    # the subject's own process did the work: it was measured, not fio or the machine
+    assert by_server["nbdserve"]["srv_cpu_pct"] > 1
+    assert "| raw | randread-4k-qd16 | " in p.stdout
+    assert "nbdkit-file" in p.stdout.split("### all servers")[0]  # the ratio's peer
+
+
+def test_memory_mode_reports_rss(tmp_path: Path) -> None:
+    require_tools("fio", "qemu-img", "nbdinfo")
+    out = tmp_path / "mem.json"
+    nbdbench(
+        "memory",
+        "--dir",
+        str(tmp_path / "scratch"),
+        "--size",
+        "32M",
+        "--format",
+        "raw",
+        "--clients",
+        "2",
+        "--iodepth",
+        "4",
+        "--workloads",
+        "randread-4k",
+        "--runtime",
+        "1",
+        "--ramp",
+        "0",
+        "--settle",
+        "0",
+        "--json-out",
+        str(out),
+    )
+    (r,) = json.loads(out.read_text())["records"]
+    assert "error" not in r, r["error"]
+    assert r["workload"] == "randread-4k-qd4-2conn"
+    assert r["numjobs"] == 2
+    assert 1 < r["rss_idle_mib"] <= r["rss_peak_mib"]

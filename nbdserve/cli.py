@@ -96,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="directory backing files may come from (repeatable)",
     )
     serve.add_argument(
+        "--cache",
+        choices=["writeback", "none"],
+        default="writeback",
+        help="host page cache use: writeback (default) or none (O_DIRECT)",
+    )
+    serve.add_argument(
         "--no-locking", action="store_true", help="do not take QEMU-compatible image locks"
     )
     serve.add_argument(
@@ -220,6 +226,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         probe_raw=not args.no_probe_raw,
         allow=tuple(args.allow) if args.allow else None,
         locking=not args.no_locking,
+        cache=args.cache,
     )
     bind = None if args.socket and args.bind is None else (args.bind or DEFAULT_BIND)
     kwargs: dict[str, object] = _tls_args(args)

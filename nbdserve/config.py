@@ -35,12 +35,15 @@ class ExportConfig:
     # format-specific settings passed to the driver at open (e.g. prealloc_mode)
     settings: Mapping[str, Any] = field(default_factory=dict)
     locking: bool = True  # QEMU-compatible image locks while the export is open
+    cache: str = "writeback"  # "none": O_DIRECT, bypassing the host page cache
     tls_required: bool = False  # with tls = "on": only clients that upgraded may use it
     # client addresses allowed to see and use the export: CIDR networks, and
     # "unix" for Unix-socket clients; None allows everyone
     allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        if self.cache not in ("writeback", "none"):
+            raise ConfigError(f"export {self.name!r}: cache must be writeback or none")
         if self.allow is not None:
             for entry in self.allow:
                 if entry == "unix":
@@ -116,6 +119,7 @@ _EXPORT_KEYS = {
     "tls_required",
     "allow",
     "locking",
+    "cache",
 }
 _SERVER_KEYS = {
     "bind",

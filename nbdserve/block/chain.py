@@ -46,6 +46,8 @@ class ChainOptions:
     backing_settings: dict[str, object] = field(default_factory=dict)
     # take QEMU-compatible image locks (the server does; tools unless told not to)
     locking: bool = False
+    # cache=none: open every layer's file with O_DIRECT
+    direct: bool = False
 
 
 @dataclass(slots=True)
@@ -78,7 +80,15 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
                 )
             lock = None if not options.locking else "backing" if layers else "top"
             driver = await _open_layer(
-                cur_path, fmt, read_only, options.probe_raw, settings, seen, allowed, lock
+                cur_path,
+                fmt,
+                read_only,
+                options.probe_raw,
+                settings,
+                seen,
+                allowed,
+                lock,
+                direct=options.direct,
             )
             layers.append(driver)
             if layers[:-1]:
@@ -128,8 +138,10 @@ async def _open_layer(
     seen: set[tuple[int, int]],
     allowed: Sequence[str] | None = None,
     lock: str | None = None,
+    *,
+    direct: bool = False,
 ) -> FormatDriver:
-    file = FileBackend.open(path, read_only=read_only)
+    file = FileBackend.open(path, read_only=read_only, direct=direct)
     try:
         st = os.fstat(file.fd)
         key = (st.st_dev, st.st_ino)

@@ -17,9 +17,11 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import mmap
 import os
 import stat
 import struct
+import threading
 from typing import TYPE_CHECKING
 
 import trio
@@ -32,6 +34,11 @@ if TYPE_CHECKING:
 # Writes up to this size go to the page cache inline; larger ones use a thread
 # so one client's big write cannot hold the loop while the kernel throttles.
 INLINE_WRITE_MAX = 256 * 1024
+
+# O_DIRECT transfers are aligned to this (safe for 512-byte and 4 KiB devices)
+DIRECT_ALIGNMENT = 4096
+_STRIPES = 64  # striped locks for O_DIRECT read-modify-write
+_STRIPE_BLOCKS = 16  # aligned blocks per stripe
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -91,31 +98,44 @@ class FileBackend:
     Not a lock holder: callers (format drivers) order their own I/O.
     """
 
-    def __init__(self, path: str, fd: int, *, read_only: bool) -> None:
+    def __init__(self, path: str, fd: int, *, read_only: bool, direct: bool = False) -> None:
         self.path = path
         self.fd = fd
         self.read_only = read_only
+        # O_DIRECT (cache=none): every transfer goes through an aligned bounce
+        # buffer in a worker thread; unaligned writes read-modify-write their
+        # edge blocks under striped locks so concurrent writers stay serial
+        self.direct = direct
+        self.direct_alignment = DIRECT_ALIGNMENT
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)] if direct else []
         st = os.fstat(fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._size = st.st_size if not self.is_block_device else _block_device_size(fd)
-        self._nowait = _RWF_NOWAIT != 0
+        self._nowait = _RWF_NOWAIT != 0 and not direct
         self._punch_ok = True
         self._zero_range_ok = True
         self._cachestat_ok = True
         self._closed = False
 
     @classmethod
-    def open(cls, path: str, *, read_only: bool, create: bool = False) -> FileBackend:
+    def open(
+        cls, path: str, *, read_only: bool, create: bool = False, direct: bool = False
+    ) -> FileBackend:
+        """Open ``path``; ``direct`` bypasses the page cache (O_DIRECT, cache=none)."""
         flags = os.O_RDONLY if read_only else os.O_RDWR
         if create:
             flags |= os.O_CREAT
+        if direct:
+            flags |= os.O_DIRECT
         flags |= os.O_CLOEXEC
         try:
             fd = os.open(path, flags, 0o644)
         except OSError as exc:
+            if direct and exc.errno == errno.EINVAL:
+                raise NotSupportedError(f"{path}: the file system does not allow O_DIRECT") from exc
             raise from_os_error(exc, f"cannot open {path}") from exc
         try:
-            return cls(path, fd, read_only=read_only)
+            return cls(path, fd, read_only=read_only, direct=direct)
         except BaseException:
             os.close(fd)
             raise
@@ -162,6 +182,9 @@ class FileBackend:
         await trio.to_thread.run_sync(self._pread_all, offset, buf)
 
     def _pread_all(self, offset: int, buf: memoryview) -> None:
+        if self.direct:
+            self._pread_direct(offset, buf)
+            return
         pos = 0
         n = len(buf)
         try:
@@ -207,7 +230,7 @@ class FileBackend:
     def try_pwrite(self, offset: int, data: Buffer) -> bool:
         """Write small buffers straight into the page cache."""
         mv = memoryview(data)
-        if mv.nbytes > INLINE_WRITE_MAX:
+        if mv.nbytes > INLINE_WRITE_MAX or self.direct:
             return False
         self._pwrite_all(offset, mv)
         return True
@@ -220,6 +243,9 @@ class FileBackend:
 
     def _pwrite_all(self, offset: int, mv: memoryview) -> None:
         mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        if self.direct:
+            self._pwrite_direct(offset, mv)
+            return
         pos = 0
         n = mv.nbytes
         try:
@@ -229,6 +255,78 @@ class FileBackend:
             raise from_os_error(exc, f"write {self.path}") from exc
         if offset + n > self._size:
             self._size = offset + n
+
+    # ---- O_DIRECT helpers (run in worker threads) ----------------------------
+
+    def _aligned_span(self, offset: int, length: int) -> tuple[int, int]:
+        a = self.direct_alignment
+        return offset - offset % a, -(-(offset + length) // a) * a
+
+    def _stripes_for(self, lo: int, hi: int) -> list[int]:
+        """Indexes of the stripe locks covering aligned blocks [lo, hi), in order."""
+        per_group = self.direct_alignment * _STRIPE_BLOCKS
+        first, last = lo // per_group, (hi - 1) // per_group
+        if last - first + 1 >= _STRIPES:
+            return list(range(_STRIPES))
+        return sorted({group % _STRIPES for group in range(first, last + 1)})
+
+    def _pread_direct(self, offset: int, buf: memoryview) -> None:
+        lo, hi = self._aligned_span(offset, len(buf))
+        with mmap.mmap(-1, hi - lo) as bounce:  # page-aligned memory
+            got = self._direct_read(lo, bounce)
+            start = offset - lo
+            avail = max(0, min(len(buf), got - start))
+            buf[:avail] = memoryview(bounce)[start : start + avail]
+            if avail < len(buf):
+                fill_zeros(buf[avail:])
+
+    def _direct_read(self, offset: int, bounce: mmap.mmap) -> int:
+        """Fill the bounce buffer from ``offset``; returns bytes read (short at EOF)."""
+        view = memoryview(bounce)
+        pos = 0
+        try:
+            while pos < len(view):
+                got = os.preadv(self.fd, [view[pos:]], offset + pos)
+                if got == 0:
+                    break
+                pos += got
+        except OSError as exc:
+            raise from_os_error(exc, f"read {self.path}") from exc
+        finally:
+            view.release()
+        return pos
+
+    def _pwrite_direct(self, offset: int, mv: memoryview) -> None:
+        n = mv.nbytes
+        lo, hi = self._aligned_span(offset, n)
+        locks = self._stripes_for(lo, hi)
+        for index in locks:
+            self._stripes[index].acquire()
+        try:
+            with mmap.mmap(-1, hi - lo) as bounce:
+                if lo != offset or hi != offset + n:
+                    self._direct_read(lo, bounce)  # the edges keep their bytes
+                view = memoryview(bounce)
+                try:
+                    view[offset - lo : offset - lo + n] = mv
+                    pos = 0
+                    while pos < hi - lo:
+                        pos += os.pwritev(self.fd, [view[pos:]], lo + pos)
+                except OSError as exc:
+                    raise from_os_error(exc, f"write {self.path}") from exc
+                finally:
+                    view.release()
+        finally:
+            for index in reversed(locks):
+                self._stripes[index].release()
+        size = max(self._size, offset + n)
+        if hi > size:
+            # the aligned write went past the data; put the end of file back
+            try:
+                os.ftruncate(self.fd, size)
+            except OSError as exc:
+                raise from_os_error(exc, f"truncate {self.path}") from exc
+        self._size = size
 
     async def sync(self) -> None:
         await trio.to_thread.run_sync(self._sync)

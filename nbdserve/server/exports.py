@@ -231,6 +231,7 @@ async def open_export(cfg: ExportConfig, force_read_only: bool = False) -> Expor
         probe_raw=cfg.probe_raw,
         settings=dict(cfg.settings),
         locking=cfg.locking,
+        direct=cfg.cache == "none",
     )
     try:
         chain = await open_chain(cfg.path, options)

@@ -63,7 +63,6 @@ from nbdserve.block.fvd.locks import RangeLock
 from nbdserve.block.fvd.structs import (
     FVD_MAGIC,
     HEADER_SIZE,
-    SECTOR_SIZE,
     FvdHeader,
     JournalBitmapRecord,
     JournalRecord,
@@ -277,7 +276,10 @@ class FvdDriver(FormatDriver):
             "journal_records": 0,
         }
         self.limits = Limits(
-            request_alignment=SECTOR_SIZE,
+            # any byte range works: partial blocks copy-on-write, and journal
+            # records only ever cover whole blocks; 1 also keeps the server's
+            # inline read path open
+            request_alignment=1,
             max_transfer=32 * 1024 * 1024,
             preferred=max(4096, min(header.block_size, 64 * 1024)),
             discard_alignment=header.block_size,
@@ -504,6 +506,26 @@ class FvdDriver(FormatDriver):
             fill_zeros(buf)
             return True
         return self._store.try_pread_into(self._store_base + p * cs + offset - index * cs, buf)
+
+    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+        if self._closed or not self._all_in_image(offset, offset + length):
+            return None
+        table = self._table
+        if table is None:
+            host = self._store_base + offset
+        else:
+            cs = self._chunk_size
+            index = offset // cs
+            p = table.lookup(index) if (offset + length - 1) // cs == index else None
+            if p is None:
+                return None
+            host = self._store_base + p * cs + offset - index * cs
+        store = self._store
+        if host + length > store.size or not store.all_data(host, length):
+            return None
+        if not store.is_cached(host, length):
+            return None
+        return store.fd, host
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()

@@ -123,7 +123,7 @@ class Session:
     # ---- lifetime -----------------------------------------------------------
 
     async def run(self) -> None:
-        LOGGER.info("event=connect client=%s", self.peer)
+        LOGGER.debug("event=connect client=%s", self.peer)
         try:
             await self._send([self.conn.initiate()])
             with trio.fail_after(self.config.handshake_timeout):
@@ -139,7 +139,10 @@ class Session:
             self.end_reason = "connection lost"
         finally:
             await self.transport.aclose()
-            LOGGER.info(
+            # clients that never chose an export (listings, health checks) are
+            # routine: keep them out of the default log
+            log = LOGGER.info if self.export is not None else LOGGER.debug
+            log(
                 "event=disconnect client=%s export=%s requests=%d reason=%r",
                 self.peer,
                 self.export.name if self.export else "-",

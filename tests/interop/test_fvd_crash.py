@@ -3,7 +3,8 @@
 For every seed: a fresh FVD image over a raw base is served by a separate
 ``python -m nbdserve serve`` process; a client (nbdclient's connection, which
 knows WRITE and FLUSH) writes 4 KiB units (partial 64 KiB blocks, so the
-server copies-on-write) and flushes now and then, until a timer SIGKILLs the
+server copies-on-write) and flushes now and then, with prefetch running
+for even seeds, until a timer SIGKILLs the
 server at a random moment.  Afterwards:
 
 * ``nbdserve img check`` finds no corruption in the unclean image;
@@ -70,6 +71,8 @@ async def crash_once(tmp_path: Path, seed: int) -> int:
         options.update(compact="on", chunk_size="256k")
     if seed % 3 == 0:
         options["data_file"] = "data.raw"
+    if seed % 2 == 0:  # prefetch copies the base while the client writes
+        options.update(prefetch_start_delay="0", bytes_per_prefetch="256k")
     await make_image(d / "img.fvd", SIZE, "base.raw", **options)
     current = [base[i : i + UNIT] if i < len(base) else bytes(UNIT) for i in range(0, SIZE, UNIT)]
     durable = list(current)

@@ -989,6 +989,27 @@ class FvdDriver(FormatDriver):
         finally:
             self._guest_end()
 
+    # ---- NBD_CMD_CACHE ----------------------------------------------------------------
+
+    async def cache(self, offset: int, length: int) -> None:
+        """Copy the base blocks of the range into the image now (a targeted prefetch)."""
+        self._check_open()
+        h = self.header
+        if self.read_only or self._failed or not h.has_base or h.base_img_fully_prefetched:
+            await trio.lowlevel.checkpoint()
+            return
+        bs = self._block_size
+        pos = offset - offset % bs
+        end = min(-(-(offset + length) // bs) * bs, self.size)
+        while pos < end:
+            n = min(1 << 20, end - pos)
+            if not self._all_in_image(pos, pos + n):
+                buf = memoryview(bytearray(n))
+                await self._read_internal(pos, buf)
+                await self._store_missing(pos, buf)
+            pos += n
+        await trio.lowlevel.checkpoint()
+
     # ---- block status -----------------------------------------------------------------
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:

@@ -490,3 +490,18 @@ async def test_images_copy_with_shutil_stay_valid(tmp_path: Path) -> None:
     shutil.copy(tmp_path / "img.fvd", tmp_path / "copy.fvd")
     report = await check_fvd(str(tmp_path / "copy.fvd"), None)
     assert report.exit_status() == 0
+
+
+async def test_cache_copies_base_blocks_into_the_image(tmp_path: Path) -> None:
+    base = make_base(tmp_path / "base.raw", MIB)
+    await make_image(tmp_path / "img.fvd", MIB, "base.raw", copy_on_read="off")
+    chain, dev = await open_image(tmp_path / "img.fvd")
+    await dev.cache(100 * KIB, 200 * KIB)
+    top = fvd(chain)
+    assert top._bitmap is not None
+    assert [top._bitmap.is_set(i) for i in range(6)] == [False, True, True, True, True, False]
+    await chain.aclose()
+    (tmp_path / "base.raw").write_bytes(bytes(MIB))
+    chain, dev = await open_image(tmp_path / "img.fvd")
+    assert await dev.read(64 * KIB, 256 * KIB) == base[64 * KIB : 320 * KIB]
+    await chain.aclose()

@@ -312,6 +312,8 @@ class Prefetcher:
             await self._maybe_checkpoint()
         except BlockError as exc:
             failure.append(exc)
+        except trio.ClosedResourceError as exc:  # the image closed under us
+            failure.append(BlockError(f"image closed: {exc}"))
         finally:
             limiter.release()
 

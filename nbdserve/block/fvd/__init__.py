@@ -71,6 +71,7 @@ from nbdserve.block.fvd.structs import (
 from nbdserve.block.fvd.table import ChunkTable
 from nbdserve.block.prefetch import Prefetcher, PrefetchSettings
 from nbdserve.errors import (
+    BlockError,
     CorruptImageError,
     InvalidImageError,
     NoSpaceError,
@@ -609,7 +610,8 @@ class FvdDriver(FormatDriver):
         try:
             stored = await self._store_missing(offset, memoryview(data))
             self._stats["cor_bytes"] += stored
-        except (NoSpaceError, CorruptImageError, ReadOnlyError) as exc:
+        except (BlockError, trio.ClosedResourceError) as exc:
+            # advisory: the data is still in the base; the guest already has it
             LOGGER.debug("copy-on-read store failed (ignored): %s", exc)
         finally:
             self._cor_outstanding -= len(data)

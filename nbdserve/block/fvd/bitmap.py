@@ -83,20 +83,27 @@ class Bitmap:
         return out
 
     def first_clear(self, start: int) -> int | None:
-        """The lowest block >= ``start`` whose bit is 0, or None."""
+        """The lowest block >= ``start`` whose bit is 0, or None.
+
+        Scans in windows so a call costs what it skips, not the whole bitmap.
+        """
         if start >= self.block_count:
             return None
-        lo = start >> 3
-        candidates = np.flatnonzero(self.fresh[lo:] != 0xFF)
-        for c in candidates.tolist():
-            byte = int(self.fresh[lo + c])
-            base = (lo + c) << 3
-            for bit in range(8):
-                index = base + bit
-                if index >= self.block_count:
-                    return None
-                if index >= start and not (byte >> bit) & 1:
-                    return index
+        pos = start >> 3
+        size = self.fresh.size
+        window = 4096
+        while pos < size:
+            part = self.fresh[pos : pos + window]
+            for c in np.flatnonzero(part != 0xFF).tolist():
+                byte = int(part[c])
+                base = (pos + c) << 3
+                for bit in range(8):
+                    index = base + bit
+                    if index >= self.block_count:
+                        return None
+                    if index >= start and not (byte >> bit) & 1:
+                        return index
+            pos += window
         return None
 
     def count_set(self) -> int:

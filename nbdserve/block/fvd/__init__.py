@@ -692,16 +692,23 @@ class FvdDriver(FormatDriver):
             await self._store_range(w_lo, data)
 
     async def _store_range(self, offset: int, data: memoryview) -> None:
-        """Write data to the image (caller holds the range lock), then publish metadata."""
+        """Write data to the image (caller holds the range lock), then publish metadata.
+
+        Shielded: a cancelled allocation would leave a reserved chunk written
+        but unpublished (a leak once later chunks are published), and the
+        work is bounded by one request.
+        """
         end = offset + data.nbytes
-        overlay = await self._allocate_chunks(offset, end)
-        try:
-            await self._pwrite_segments(offset, data, self._segments_in_image(offset, end, overlay))
-        except BaseException:
-            self._unreserve(overlay)
-            raise
-        self._publish(overlay)
-        self._mark_in_image(offset, end)
+        with trio.CancelScope(shield=True):
+            overlay = await self._allocate_chunks(offset, end)
+            try:
+                segments = self._segments_in_image(offset, end, overlay)
+                await self._pwrite_segments(offset, data, segments)
+            except BaseException:
+                self._unreserve(overlay)
+                raise
+            self._publish(overlay)
+            self._mark_in_image(offset, end)
 
     def _segments_in_image(
         self, offset: int, end: int, overlay: Mapping[int, int]

@@ -162,3 +162,11 @@ async def run_ops(variant: dict[str, str], steps: list[tuple[object, ...]]) -> N
 @given(steps=st.lists(ops(), min_size=1, max_size=25))
 async def test_fvd_matches_model(name: str, steps: list[tuple[object, ...]]) -> None:
     await run_ops(VARIANTS[name], steps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(VARIANTS))
+@settings(max_examples=300)
+@given(steps=st.lists(ops(), min_size=1, max_size=60))
+async def test_fvd_matches_model_soak(name: str, steps: list[tuple[object, ...]]) -> None:
+    await run_ops(VARIANTS[name], steps)

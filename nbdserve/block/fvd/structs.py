@@ -21,7 +21,18 @@ from dataclasses import dataclass
 from typing import Final
 
 import numpy as np
-from construct import Bytes, ConstructError, Int32ul, Int64sl, Int64ul, Struct
+from construct import (
+    Array,
+    BitsSwapped,
+    Bitwise,
+    Bytes,
+    ConstructError,
+    Flag,
+    Int32ul,
+    Int64sl,
+    Int64ul,
+    Struct,
+)
 
 from nbdserve.errors import InvalidImageError
 
@@ -352,6 +363,22 @@ def align_up(value: int, alignment: int) -> int:
 
 def bitmap_bytes_needed(blocks: int) -> int:
     return -(-blocks // 8)
+
+
+# ---- bitmap and table -----------------------------------------------------------
+# The declarations say what the regions hold; the driver reads and writes them
+# as numpy arrays (BITMAP_DTYPE packed LSB first, TABLE_DTYPE), which
+# tests/unit/block/fvd/test_structs.py checks against these.
+
+
+def bitmap_struct(nbytes: int) -> Struct:
+    """``nbytes`` bytes of block bits; bit ``i % 8`` of byte ``i // 8`` is block ``i``."""
+    return Struct("bits" / Array(nbytes, BitsSwapped(Bitwise(Array(8, Flag)))))
+
+
+def table_struct(entries: int) -> Struct:
+    """``entries`` u32: a physical chunk number or TABLE_UNALLOCATED."""
+    return Struct("entries" / Array(entries, Int32ul))
 
 
 # ---- journal records ---------------------------------------------------------

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from nbdserve.block.fvd.bitmap import Bitmap
 from nbdserve.block.fvd.structs import (
     HEADER_FIELD_OFFSETS,
     HEADER_SIZE,
@@ -20,9 +21,12 @@ from nbdserve.block.fvd.structs import (
     FvdHeader,
     JournalBitmapRecord,
     JournalTableRecord,
+    bitmap_struct,
     decode_journal_sector,
     encode_journal_sector,
+    table_struct,
 )
+from nbdserve.block.fvd.table import ChunkTable
 
 # (field, offset) pairs copied from the table in shared/docs/fvd-format.md
 SPEC_OFFSETS = {
@@ -165,3 +169,20 @@ def test_full_table_record_fills_a_sector() -> None:
     assert decode_journal_sector(raw, 0) == [rec]
     with pytest.raises(AssertionError):
         JournalTableRecord(1, 0, tuple(range(124))).to_bytes()
+
+
+@given(st.binary(min_size=1, max_size=64))
+def test_bitmap_numpy_view_agrees_with_construct(raw: bytes) -> None:
+    parsed = bitmap_struct(len(raw)).parse(raw)
+    flat = [bit for byte in parsed.bits for bit in byte]
+    bm = Bitmap(len(raw) * 8, raw)
+    assert [bm.is_set(i) for i in range(len(raw) * 8)] == flat
+    assert bitmap_struct(len(raw)).build(parsed) == raw
+
+
+@given(st.lists(st.integers(0, (1 << 32) - 1), min_size=1, max_size=64))
+def test_table_numpy_view_agrees_with_construct(entries: list[int]) -> None:
+    raw = table_struct(len(entries)).build({"entries": entries})
+    table = ChunkTable(len(entries), raw)
+    assert table.entries.tolist() == entries
+    assert table.snapshot() == raw

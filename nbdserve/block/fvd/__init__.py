@@ -587,8 +587,9 @@ class FvdDriver(FormatDriver):
                 continue
             lo = -(-seg.guest_offset // bs) * bs
             hi = (seg.guest_offset + seg.length) // bs * bs
-            if seg.guest_offset + seg.length == self._base_limit:
-                hi = min(end, -(-self._base_limit // bs) * bs, self.size)
+            last_block_end = min(-(-self._base_limit // bs) * bs, self.size)
+            if seg.guest_offset + seg.length == self._base_limit and end >= last_block_end:
+                hi = last_block_end  # the base's last block, partly image bytes, is whole
             limit = self.header.max_outstanding_copy_on_read_data
             step = max(bs, min(1 << 20, limit) // bs * bs)
             for piece in range(lo, hi, step):

@@ -12,16 +12,17 @@ import json
 import os
 import re
 import sys
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from nbdserve.block import formats
-from nbdserve.block.chain import ChainOptions, open_chain
+from nbdserve.block.chain import Chain, ChainOptions, open_chain
 from nbdserve.block.check import EXIT_UNSUPPORTED, CheckReport
 from nbdserve.block.device import chain_status
 from nbdserve.block.extents import merge_chain_extents
-from nbdserve.errors import ConfigError, NbdServeError
+from nbdserve.errors import BackingChainError, ConfigError, NbdServeError
 
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtTpPeE]?)(?:i?[bB])?\s*$")
 _SUFFIX = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40, "p": 50, "e": 60}
@@ -176,7 +177,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 async def image_info(path: str, fmt: str | None = None) -> list[dict[str, Any]]:
     """One dict per layer, top first, in qemu-img info's JSON vocabulary."""
-    chain = await open_chain(path, ChainOptions(fmt=fmt, read_only=True, backing_dirs=["/"]))
+    chain = await _open_for_info(path, fmt)
     try:
         docs = []
         for layer in chain.layers:
@@ -200,6 +201,26 @@ async def image_info(path: str, fmt: str | None = None) -> list[dict[str, Any]]:
         return docs
     finally:
         await chain.aclose()
+
+
+async def _open_for_info(path: str, fmt: str | None) -> Chain:
+    """The chain for ``img info``; an NBD base is not connected to, only named.
+
+    An image's NBD base is opened only where an export allows it
+    (``allow_nbd_backing``); info then describes the layers it can open.
+    """
+    from nbdserve.block.nbdclient import is_nbd_uri
+
+    options = ChainOptions(fmt=fmt, read_only=True, backing_dirs=["/"])
+    try:
+        return await open_chain(path, options)
+    except BackingChainError:
+        chain = await open_chain(path, replace(options, follow_backing=False))
+        ref = chain.top.backing_reference
+        if ref is None or not is_nbd_uri(ref[0]):
+            await chain.aclose()
+            raise
+        return chain
 
 
 def _info_human(doc: dict[str, Any]) -> str:

@@ -189,3 +189,7 @@ async def test_nbd_base_refused_without_the_setting(tmp_path: Path) -> None:
 
         with pytest.raises(ConfigError, match="allow_nbd_backing"):
             await open_export(export(tmp_path / "img.fvd", "img"))
+    # img info names the NBD base without connecting to it (the server is gone)
+    info = json.loads(await nbdserve("img", "info", "--output", "json", tmp_path / "img.fvd"))
+    assert info["backing-filename"] == unix_uri(sock, "base")
+    assert info["format-specific"]["data"]["prefetch-bytes-copied"] == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -60,12 +61,13 @@ def qemu_nbd_serving(tmp_path: Path) -> Iterator[Path]:
         stderr=subprocess.DEVNULL,
     )
     try:
-        subprocess.run(
-            ["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"],
-            check=True,
-            capture_output=True,
-            timeout=20,
-        )
+        # qemu-nbd listens a moment after it starts: poll until it answers
+        deadline = time.monotonic() + 20
+        while subprocess.run(
+            ["nbdinfo", "--size", f"nbd://127.0.0.1:{port}"], capture_output=True, timeout=20
+        ).returncode:
+            assert time.monotonic() < deadline, "qemu-nbd did not start"
+            time.sleep(0.05)
         yield img
     finally:
         proc.terminate()

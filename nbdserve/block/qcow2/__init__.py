@@ -27,12 +27,13 @@ Design notes
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import struct
 import zlib
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -374,7 +375,8 @@ class Qcow2Driver(FormatDriver):
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()
-        runs = await self._map(offset, len(buf))
+        with self._failing_on_corruption():
+            runs = await self._map(offset, len(buf))
         for run in runs:
             view = buf[run.guest_offset - offset : run.end - offset]
             await self._read_run(run, view)
@@ -444,9 +446,10 @@ class Qcow2Driver(FormatDriver):
         cap = min(length, self.size - offset)
         # bound the work per call by the number of L2 tables that may be mapped
         limit_end = ((offset >> self.g.l2_span_bits) + STATUS_MAX_TABLES) * span
-        runs = await self._map(offset, min(cap, max(1, limit_end - offset)))
-        if self._metadata_prealloc is None:
-            self._metadata_prealloc = await self._detect_metadata_preallocation()
+        with self._failing_on_corruption():
+            runs = await self._map(offset, min(cap, max(1, limit_end - offset)))
+            if self._metadata_prealloc is None:
+                self._metadata_prealloc = await self._detect_metadata_preallocation()
         out: list[Extent] = []
         for run in runs:
             for ext in self._run_status(run):
@@ -542,8 +545,9 @@ class Qcow2Driver(FormatDriver):
         self._check_writable()
         mv = memoryview(data).cast("B")
         c0, c1 = self._cluster_range(offset, mv.nbytes)
-        async with self._ranges.hold(c0, c1):
-            await self._write_locked(offset, mv)
+        with self._failing_on_corruption():
+            async with self._ranges.hold(c0, c1):
+                await self._write_locked(offset, mv)
         if fua:
             await self.flush()
 
@@ -577,8 +581,9 @@ class Qcow2Driver(FormatDriver):
             # the raw data file must hold the guest's bytes, so zeros are written as data
             raise NotSupportedError("zeroing images with a raw external data file writes data")
         c0, c1 = self._cluster_range(offset, length)
-        async with self._ranges.hold(c0, c1):
-            await zero_range(self, offset, length, may_unmap=may_unmap, fast=fast)
+        with self._failing_on_corruption():
+            async with self._ranges.hold(c0, c1):
+                await zero_range(self, offset, length, may_unmap=may_unmap, fast=fast)
         if fua:
             await self.flush()
 
@@ -590,8 +595,9 @@ class Qcow2Driver(FormatDriver):
             await trio.lowlevel.checkpoint()
             return
         c0, c1 = self._cluster_range(offset, length)
-        async with self._ranges.hold(c0, c1):
-            await discard_range(self, offset, length)
+        with self._failing_on_corruption():
+            async with self._ranges.hold(c0, c1):
+                await discard_range(self, offset, length)
 
     # ---- flush and close -------------------------------------------------------------------
 
@@ -636,6 +642,16 @@ class Qcow2Driver(FormatDriver):
             await self._file.aclose()
 
     # ---- helpers used by write.py -----------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _failing_on_corruption(self) -> Iterator[None]:
+        """Corrupt metadata fails this request and marks the driver failed
+        (QEMU qcow2_signal_corruption): later writes are refused, reads go on."""
+        try:
+            yield
+        except CorruptImageError as exc:
+            self.mark_failed(str(exc))
+            raise
 
     def mark_failed(self, reason: str) -> None:
         if self._failed is None:

@@ -165,47 +165,63 @@ class Refcounts:
         last = (host_offset + length - 1) >> self.cluster_bits
         await self.update(first, last - first + 1, -1)
 
-    async def _create_block(self, block_index: int, at_cluster: int) -> None:
-        """Make refcount block ``block_index`` at cluster ``at_cluster`` (which it covers)."""
-        if block_index >= len(self.reftable):
-            await self._grow(block_index)
-            return
-        assert at_cluster >> self.block_shift == block_index
-        offset = at_cluster << self.cluster_bits
-        self._check_protected(offset, self.cluster_size)
-        counts = np.zeros(self.entries_per_block, dtype=np.uint64)
-        counts[at_cluster & (self.entries_per_block - 1)] = 1
-        await self._file.pwrite(offset, encode_refcounts(counts, self.refcount_order))
-        await self.cache.put(offset, counts, dirty=False)
-        self.reftable[block_index] = np.uint64(offset)
-        await self._file.pwrite(self.reftable_offset + 8 * block_index, pack_u64(offset))
-
     # ---- allocation -----------------------------------------------------------------
 
     async def allocate(self, count: int) -> int:
-        """Allocate ``count`` contiguous clusters (refcount 1); return the host offset."""
+        """Allocate ``count`` contiguous clusters (refcount 1); return the host offset.
+
+        Refcount blocks missing for the run are placed just in front of it, in
+        the same free stretch, so a large allocation is not split by them.
+        """
+        extra = 0
         while True:
-            first = await self._find_free(count)
-            missing = self._first_missing_block(first, count)
-            if missing is None:
-                break
-            bi, at = missing
-            await self._create_block(bi, at)
+            first = await self._find_free(count + extra)
+            missing = self._missing_blocks(first, count + extra)
+            if any(bi >= len(self.reftable) for bi in missing):
+                await self._grow(max(missing))
+                extra = 0
+                continue
+            if len(missing) > extra:
+                extra = len(missing)
+                continue
+            break
+        if missing:
+            await self._create_blocks(missing, first)
+        first += len(missing)
         offset = first << self.cluster_bits
         self._check_protected(offset, count << self.cluster_bits)
         await self.update(first, count, 1)
-        if first == self.free_cluster_index:
+        if first - len(missing) == self.free_cluster_index:
             self.free_cluster_index = first + count
         return offset
 
-    def _first_missing_block(self, first: int, count: int) -> tuple[int, int] | None:
-        bi = first >> self.block_shift
-        last = (first + count - 1) >> self.block_shift
-        while bi <= last:
-            if not self._block_offset(bi):
-                return bi, max(first, bi << self.block_shift)
-            bi += 1
-        return None
+    def _missing_blocks(self, first: int, count: int) -> list[int]:
+        lo = first >> self.block_shift
+        hi = (first + count - 1) >> self.block_shift
+        return [bi for bi in range(lo, hi + 1) if not self._block_offset(bi)]
+
+    async def _create_blocks(self, missing: list[int], at: int) -> None:
+        """Write blocks ``missing`` at clusters at, at+1, ... and account for them."""
+        positions = list(range(at, at + len(missing)))
+        self._check_protected(at << self.cluster_bits, len(missing) << self.cluster_bits)
+        new = set(missing)
+        for bi, pos in zip(missing, positions, strict=True):
+            counts = np.zeros(self.entries_per_block, dtype=np.uint64)
+            for q in positions:
+                if q >> self.block_shift == bi:
+                    counts[q & (self.entries_per_block - 1)] = 1
+            offset = pos << self.cluster_bits
+            await self._file.pwrite(offset, encode_refcounts(counts, self.refcount_order))
+            await self.cache.put(offset, counts, dirty=False)
+        for bi, pos in zip(missing, positions, strict=True):
+            self.reftable[bi] = np.uint64(pos << self.cluster_bits)
+            await self._file.pwrite(
+                self.reftable_offset + 8 * bi, pack_u64(pos << self.cluster_bits)
+            )
+        # block clusters that fall in ranges of blocks that already existed
+        for q in positions:
+            if q >> self.block_shift not in new:
+                await self.update(q, 1, 1)
 
     async def _find_free(self, count: int) -> int:
         """The first cluster of a run of ``count`` free clusters at or after the hint."""

@@ -384,7 +384,8 @@ def _zero_full_clusters(
     hosts = np.where(compressed, np.uint64(0), entries & NP_L2E_OFFSET_MASK)
     copied = (entries & NP_COPIED) != 0
     present = ((hosts != 0) | (copied & external)) & ~compressed
-    keep = present & (copied | external) & (not may_unmap)
+    # v2 has no zero flag: zeroing there means deallocating
+    keep = present & (copied | external) & (not may_unmap) & (g.has_zero_flag or g.extended_l2)
     if g.extended_l2:
         new = np.where(keep, hosts | NP_COPIED, np.uint64(0))
         bitmaps = table.reshape(-1, 2)[first : first + count, 1]

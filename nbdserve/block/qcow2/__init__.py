@@ -89,6 +89,7 @@ from nbdserve.errors import (
 
 if TYPE_CHECKING:
     from nbdserve.block.base import Buffer
+    from nbdserve.block.check import CheckReport
     from nbdserve.block.file import FileBackend
     from nbdserve.block.formats import OpenOptions
 
@@ -112,10 +113,28 @@ async def open_image(file: FileBackend, options: OpenOptions) -> Qcow2Driver:
     driver = Qcow2Driver(file, read_only=options.read_only or file.read_only)
     try:
         await driver.open(dict(options.settings))
+        if driver.needs_repair:
+            await _repair_dirty(driver)
     except BaseException:
         await driver.close_files()
         raise
     return driver
+
+
+async def _repair_dirty(driver: Qcow2Driver) -> None:
+    """Rebuild the refcounts of a dirty image before writing to it (QEMU does the same
+    when it opens a dirty image read-write)."""
+    from nbdserve.block.qcow2.check import check_file
+
+    LOGGER.warning("qcow2 %s has the dirty bit set: rebuilding refcounts", driver._file.path)
+    report = await check_file(driver._file, "all")
+    if report.corruptions or report.check_errors:
+        raise InvalidImageError(
+            f"dirty image could not be repaired ({report.corruptions} corruptions remain)"
+        )
+    await driver.reload()
+    if driver.needs_repair:
+        raise InvalidImageError("dirty bit could not be cleared")
 
 
 class Qcow2Driver(FormatDriver):
@@ -123,8 +142,10 @@ class Qcow2Driver(FormatDriver):
 
     format_name = "qcow2"
 
-    def __init__(self, file: FileBackend, *, read_only: bool) -> None:
+    def __init__(self, file: FileBackend, *, read_only: bool, owns_file: bool = True) -> None:
         super().__init__(file, read_only=read_only)
+        self._owns_file = owns_file
+        self._settings: dict[str, object] = {}
         self.data_file: FileBackend = file
         self._own_data_file = False
         self._meta = trio.Lock()
@@ -135,10 +156,12 @@ class Qcow2Driver(FormatDriver):
         self.extensions: HeaderExtensions
         self.backing_file: str | None = None
         self._metadata_prealloc: bool | None = None
+        self.needs_repair = False
 
     # ---- open ---------------------------------------------------------------------
 
     async def open(self, settings: dict[str, object]) -> None:
+        self._settings = settings
         file = self._file
         file_size = file.refresh_size()
         if file_size < 72:
@@ -158,7 +181,8 @@ class Qcow2Driver(FormatDriver):
                 header.backing_file_offset : header.backing_file_offset + header.backing_file_size
             ]
             self.backing_file = raw.decode("utf-8", "replace") or None
-        self._check_open_mode(header)
+        if not settings.get("_check"):  # the checker opens anything it can read
+            self._check_open_mode(header)
         if header.incompatible_features & INCOMPAT_DATA_FILE:
             await self._open_data_file(settings)
         self.size = header.size
@@ -207,11 +231,8 @@ class Qcow2Driver(FormatDriver):
                 "image is marked corrupt (incompatible bit 1); it can only be opened read-only "
                 "until repaired (nbdserve img check -r all)"
             )
-        if header.incompatible_features & INCOMPAT_DIRTY:
-            raise InvalidImageError(
-                "image has the dirty bit set (its refcounts need rebuilding); open it "
-                "read-only or repair it first (nbdserve img check -r all)"
-            )
+        # a dirty image (lazy refcounts, not closed cleanly) is repaired by open_image
+        self.needs_repair = bool(header.incompatible_features & INCOMPAT_DIRTY)
         if self.extensions.has_bitmaps:
             raise InvalidImageError(
                 "images with persistent dirty bitmaps can only be opened read-only"
@@ -639,7 +660,18 @@ class Qcow2Driver(FormatDriver):
                 self._own_data_file = False
                 await self.data_file.aclose()
         finally:
-            await self._file.aclose()
+            if self._owns_file:
+                await self._file.aclose()
+
+    async def reload(self) -> None:
+        """Re-read everything from the file (after check/repair rewrote metadata)."""
+        if self._own_data_file:
+            self._own_data_file = False
+            await self.data_file.aclose()
+        self.data_file = self._file
+        self._decompressed.clear()
+        self._metadata_prealloc = None
+        await self.open(self._settings)
 
     # ---- helpers used by write.py -----------------------------------------------------------
 
@@ -675,7 +707,15 @@ async def create_image(
     await create(path, size, options, backing, backing_fmt)
 
 
+async def check_image(path: str, repair: str | None) -> CheckReport:
+    """``qemu-img check`` for qcow2: leaks, corruptions, optional repair."""
+    from nbdserve.block.qcow2.check import check_path
+
+    return await check_path(path, repair)
+
+
 __all__ = [
+    "check_image",
     "QCOW_L2_BITMAP_ALL_ALLOC",
     "QCOW_L2_BITMAP_ALL_ZEROES",
     "QCOW_OFLAG_COMPRESSED",

@@ -96,6 +96,17 @@ def add_img_parser(sub: Any) -> None:
     check.add_argument("path")
     check.set_defaults(func=cmd_check)
 
+    convert = isub.add_parser("convert", help="copy an image (and its chain) into a new one")
+    convert.add_argument("-f", "--format", help="source format (default: probe)")
+    convert.add_argument("-O", "--output-format", default="raw")
+    convert.add_argument("-o", "--options", action="append", default=[])
+    convert.add_argument(
+        "-p", "--progress", action="store_true", help="show a progress bar (on a terminal)"
+    )
+    convert.add_argument("source")
+    convert.add_argument("target")
+    convert.set_defaults(func=cmd_convert)
+
     mp = isub.add_parser("map", help="show allocation, like qemu-img map")
     mp.add_argument("-f", "--format")
     mp.add_argument("--output", choices=["human", "json"], default="human")
@@ -268,6 +279,81 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(report.human())
     return report.exit_status()
+
+
+# ---- convert ----------------------------------------------------------------------
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    options: dict[str, str] = {}
+    for text in args.options:
+        options.update(parse_options(text))
+    trio.run(
+        convert_image,
+        args.source,
+        args.format,
+        args.target,
+        args.output_format,
+        options,
+        args.progress,
+    )
+    return 0
+
+
+async def convert_image(
+    source: str,
+    source_fmt: str | None,
+    target: str,
+    target_fmt: str,
+    options: dict[str, str],
+    progress: bool = False,
+) -> None:
+    """Copy what the source's guest sees into a new image, skipping zeros.
+
+    The target is made by its format's ``create_image`` and written through
+    its own driver, so only data ranges cost I/O and the target stays sparse.
+    """
+    module = formats.load(target_fmt)
+    create = getattr(module, "create_image", None)
+    if create is None:
+        raise ConfigError(f"format {target_fmt!r} does not support image creation")
+    src = await open_chain(source, ChainOptions(fmt=source_fmt, read_only=True, backing_dirs=["/"]))
+    try:
+        size = src.top.size
+        await create(target, size, dict(options), None, None)
+        dst = await open_chain(target, ChainOptions(fmt=target_fmt))
+        try:
+            await _copy_data(src, dst, size, progress)
+        finally:
+            await dst.aclose()
+    finally:
+        await src.aclose()
+
+
+async def _copy_data(src: Chain, dst: Chain, size: int, progress: bool) -> None:
+    from nbdserve.block.device import BlockDevice
+    from nbdserve.progress import Progress
+
+    reader = BlockDevice(src.top, read_only=True)
+    writer = BlockDevice(dst.top)
+    step = 4 * 1024 * 1024
+    buf = bytearray(step)
+    zeros = memoryview(bytes(step))
+    with Progress(size, "converting", enabled=None if progress else False) as bar:
+        pos = 0
+        while pos < size:
+            extents = await chain_status(src.top, pos, min(size - pos, 1 << 30))
+            for e in merge_chain_extents(extents):
+                if not e.zero:
+                    for off in range(e.offset, e.end, step):
+                        n = min(step, e.end - off)
+                        view = memoryview(buf)[:n]
+                        await reader.readinto(off, view)
+                        if view != zeros[:n]:  # data that reads as zeros stays a hole
+                            await writer.write(off, view)
+                bar.advance(e.length)
+                pos = e.end
+        await writer.flush()
 
 
 # ---- map ------------------------------------------------------------------------

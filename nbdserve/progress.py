@@ -1,0 +1,55 @@
+"""A terminal progress bar for long image operations; silent when not a TTY."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+class Progress:
+    """``with Progress(total, "converting") as p: p.advance(n)``.
+
+    Draws at most ten times a second, only on a terminal, so scripts and logs
+    see nothing.
+    """
+
+    def __init__(
+        self, total: int, label: str, stream: TextIO | None = None, *, enabled: bool | None = None
+    ) -> None:
+        self.total = max(total, 1)
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.done = 0
+        self._last = 0.0
+
+    def __enter__(self) -> Progress:
+        self._draw(force=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.enabled:
+            if exc[0] is None:
+                self.done = self.total
+                self._draw(force=True)
+            self.stream.write("\n")
+            self.stream.flush()
+
+    def advance(self, n: int) -> None:
+        self.done = min(self.total, self.done + n)
+        self._draw()
+
+    def _draw(self, *, force: bool = False) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.1:
+            return
+        self._last = now
+        fraction = self.done / self.total
+        width = 30
+        filled = int(fraction * width)
+        bar = "#" * filled + "-" * (width - filled)
+        self.stream.write(f"\r{self.label} [{bar}] {fraction * 100:5.1f}%")
+        self.stream.flush()

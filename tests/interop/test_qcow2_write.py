@@ -270,3 +270,79 @@ async def test_fio_randwrite_verify_qcow2_overlay(tmp_path: Path) -> None:
 @pytest.mark.slow
 async def test_fio_randwrite_verify_qcow2_overlay_large(tmp_path: Path) -> None:
     await _fio_verify(tmp_path, 256, [])
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_cancelled_writes_leave_a_clean_image(tmp_path: Path, seed: int) -> None:
+    """Cancel a crowd of allocating writes after a random number of scheduling steps."""
+    require_tools("qemu-img", "qemu-io")
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+    qemu_io(base, "write -P 0xee 0 4M")
+    top = tmp_path / "top.qcow2"
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "cluster_size=4k",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top,
+    )
+    rng = random.Random(seed)
+    dev, chain = await _open(top)
+    try:
+        with trio.CancelScope() as scope:
+            async with trio.open_nursery() as nursery:
+                for _ in range(40):
+                    off = rng.randrange(4 << 20)
+                    n = rng.randint(1, min(70000, (4 << 20) - off))
+                    if rng.random() < 0.7:
+                        nursery.start_soon(dev.write, off, rng.randbytes(n))
+                    else:
+                        nursery.start_soon(dev.write_zeroes, off, n)
+                for _ in range(rng.randint(0, 60)):
+                    await trio.lowlevel.checkpoint()
+                scope.cancel()
+        await dev.write(0, b"still works")
+    finally:
+        await chain.aclose()  # type: ignore[attr-defined]
+    assert_clean(top)
+
+
+async def test_concurrent_clients_through_the_server(tmp_path: Path) -> None:
+    """Several NBD connections write pieces of the same unallocated clusters at once."""
+    from tests.helpers.server import export, nbdsh_argv, run, running_server, uri
+
+    require_tools("qemu-img", "qemu-io", "nbdsh")
+    base = tmp_path / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    qemu_io(base, "write -P 0xee 0 1M")
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", "base.qcow2", "-F", "qcow2", top)
+    model = bytearray(b"\xee" * (1 << 20))
+    scripts = []
+    for client in range(4):
+        lines = []
+        for c in range(4):
+            for k in range(8):
+                off = c * 65536 + (client * 8 + k) * 2048
+                lines.append(f"h.aio_pwrite(bytes([{client * 8 + k + 1}]) * 1500, {off})")
+                model[off : off + 1500] = bytes([client * 8 + k + 1]) * 1500
+        lines.append("while h.aio_in_flight() > 0: h.poll(-1)")
+        lines.append("h.flush()")
+        scripts.append("\n".join(lines))
+    async with (
+        running_server(export(top, "c", format="qcow2")) as srv,
+        trio.open_nursery() as nursery,
+    ):
+        for script in scripts:
+            nursery.start_soon(lambda s=script: run(*nbdsh_argv(), "-u", uri(srv, "c"), "-c", s))
+    assert_clean(top)
+    check = json.loads(qemu_img("check", "--output=json", top))
+    assert check["allocated-clusters"] == 4
+    assert to_raw(top, tmp_path / "t.raw") == bytes(model)

@@ -394,6 +394,19 @@ class Qcow2Driver(FormatDriver):
             return False
         return self.data_file.try_pread_into(host, buf)
 
+    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+        if self._closed:
+            return None
+        host = self.cmap.peek_host(offset, length)
+        if host < 0:
+            return None
+        f = self.data_file
+        if host + length > f.size or not f.all_data(host, length):
+            return None
+        if not f.is_cached(host, length):
+            return None
+        return f.fd, host
+
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()
         with self._failing_on_corruption():

@@ -428,7 +428,7 @@ class ClusterMap:
         cb = g.cluster_bits
         in_cluster = offset & ((1 << cb) - 1)
         if in_cluster + length > (1 << cb):
-            return -1
+            return self._peek_contiguous(offset, length)
         l1i = offset >> g.l2_span_bits
         l1 = self.l1
         if l1i >= len(l1):
@@ -463,3 +463,45 @@ class ClusterMap:
         if limit is not None and host >= limit:
             return -1
         return host + in_cluster
+
+    def _peek_contiguous(self, offset: int, length: int) -> int:
+        """peek_host for a range over several clusters of one cached L2 table that are
+        plain data, fully allocated and host-contiguous; -1 otherwise."""
+        g = self.g
+        cb = g.cluster_bits
+        span = g.l2_span_bits
+        last = offset + length - 1
+        l1i = offset >> span
+        if last >> span != l1i or l1i >= len(self.l1):
+            return -1
+        l2_off = int(self.l1[l1i]) & L1E_OFFSET_MASK
+        if not l2_off or l2_off & ((1 << cb) - 1):
+            return -1
+        table = self.l2_cache.peek(l2_off)
+        if table is None:
+            return -1
+        mask = g.l2_entries - 1
+        first, n = (offset >> cb) & mask, (last >> cb) - (offset >> cb) + 1
+        if g.extended_l2:
+            pairs = table[2 * first : 2 * (first + n)]
+            entries = pairs[0::2]
+            if (pairs[1::2] != np.uint64(0xFFFFFFFF)).any():
+                return -1
+        else:
+            entries = table[first : first + n]
+            if (entries & NP_ZERO).any():
+                return -1
+        if (entries & NP_COMPRESSED).any():
+            return -1
+        host0 = int(entries[0]) & L2E_OFFSET_MASK
+        if host0 & ((1 << cb) - 1) or not (host0 or g.external_data):
+            return -1
+        if not host0 and not int(entries[0]) & QCOW_OFLAG_COPIED:
+            return -1
+        expected = np.uint64(host0) + (np.arange(n, dtype=np.uint64) << np.uint64(cb))
+        if ((entries & NP_L2E_OFFSET_MASK) != expected).any():
+            return -1
+        limit = self.host_limit
+        if limit is not None and host0 + ((n - 1) << cb) >= limit:
+            return -1
+        return host0 + (offset & ((1 << cb) - 1))

@@ -166,7 +166,12 @@ def _l1_table_past_end(p: Path) -> None:
     P.put_u64(p, 40, 1 << 45)
 
 
+def _l1_on_reftable(p: Path) -> None:
+    P.put_u64(p, 40, P.u64(p, 48))
+
+
 OPEN_FAILURES: dict[str, Callable[[Path], None]] = {
+    "l1_on_reftable": _l1_on_reftable,
     "huge_l1_size": _huge_l1,
     "reftable_on_header": _reftable_on_header,
     "truncated": _truncated,
@@ -287,3 +292,22 @@ async def test_check_matches_qemu_on_the_matrix(tmp_path: Path, name: str) -> No
     assert ours.fragmented_clusters == theirs.get("fragmented-clusters", 0)
     assert ours.total_clusters == theirs["total-clusters"]
     assert ours.image_end_offset == theirs["image-end-offset"]
+
+
+async def test_persistent_bitmaps_are_counted_and_survive_repair(tmp_path: Path) -> None:
+    require_tools("qemu-img", "qemu-io")
+    path = _base(tmp_path)
+    qemu_img("bitmap", "--add", path, "b1")
+    qemu_io(path, "write -P 9 2m 128k")
+    theirs = qemu_img_check(path)
+    ours = await check_image(str(path), None)
+    assert ours.exit_status() == theirs["exit"] == 0, ours.messages
+    assert ours.image_end_offset == theirs["image-end-offset"]
+    _leak(path)
+    report = await check_image(str(path), "all")
+    assert report.exit_status() == 0, report.messages
+    assert_clean(path)
+    info = json.loads(qemu_img("info", "--output=json", path))
+    assert info["format-specific"]["data"]["bitmaps"][0]["name"] == "b1"
+    with pytest.raises(InvalidImageError, match="bitmaps"):
+        await open_chain(str(path), ChainOptions(read_only=False))

@@ -41,6 +41,7 @@ import trio
 
 from nbdserve.block.base import (
     Capabilities,
+    DriverStatistics,
     Extent,
     FormatDriver,
     Limits,
@@ -121,6 +122,22 @@ async def open_image(file: FileBackend, options: OpenOptions) -> Qcow2Driver:
     return driver
 
 
+def _check_table_overlaps(header: Qcow2Header) -> None:
+    """The L1 table, refcount table and snapshot table must not overlap each other."""
+    cs = header.cluster_size
+    tables = [
+        ("L1 table", header.l1_table_offset, header.l1_size * 8),
+        ("refcount table", header.refcount_table_offset, header.refcount_table_clusters * cs),
+    ]
+    if header.nb_snapshots:
+        tables.append(("snapshot table", header.snapshots_offset, header.nb_snapshots * 40))
+    tables = [(name, off, n) for name, off, n in tables if n]
+    for i, (a, a_off, a_len) in enumerate(tables):
+        for b, b_off, b_len in tables[i + 1 :]:
+            if a_off < b_off + b_len and b_off < a_off + a_len:
+                raise InvalidImageError(f"{a} and {b} overlap")
+
+
 async def _repair_dirty(driver: Qcow2Driver) -> None:
     """Rebuild the refcounts of a dirty image before writing to it (QEMU does the same
     when it opens a dirty image read-write)."""
@@ -175,6 +192,7 @@ class Qcow2Driver(FormatDriver):
             raise InvalidImageError("qcow2 header is truncated")
         self.extensions = parse_extensions(header, cluster0)
         header.validate(file_size, self.extensions.feature_names)
+        _check_table_overlaps(header)
         self.header = header
         if header.backing_file_offset:
             raw = cluster0[
@@ -371,9 +389,7 @@ class Qcow2Driver(FormatDriver):
             "format-specific": {"type": "qcow2", "data": data},
         }
 
-    def statistics(self):  # type: ignore[no-untyped-def]
-        from nbdserve.block.base import DriverStatistics
-
+    def statistics(self) -> DriverStatistics:
         stats = DriverStatistics()
         stats.extra.update(self.cmap.l2_cache.statistics())
         stats.extra.update(self.refcounts.cache.statistics())

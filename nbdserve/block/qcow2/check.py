@@ -33,6 +33,7 @@ import numpy as np
 from nbdserve.block.check import CheckReport
 from nbdserve.block.qcow2.cluster import Geometry
 from nbdserve.block.qcow2.structs import (
+    BME_TABLE_ENTRY_OFFSET_MASK,
     HDR_INCOMPATIBLE_FEATURES,
     HDR_REFCOUNT_TABLE_OFFSET,
     INCOMPAT_CORRUPT,
@@ -41,11 +42,14 @@ from nbdserve.block.qcow2.structs import (
     NP_COPIED,
     NP_L1E_OFFSET_MASK,
     NP_L2E_OFFSET_MASK,
+    QCOW_MAX_BITMAP_DIRECTORY_SIZE,
+    QCOW_MAX_L1_SIZE,
     QCOW_OFLAG_COPIED,
     REFT_OFFSET_MASK,
     decode_refcounts,
     encode_refcounts,
     pack_u64,
+    parse_bitmap_directory,
 )
 from nbdserve.errors import ImageError
 
@@ -173,6 +177,7 @@ async def _walk(driver: Qcow2Driver) -> _Walk:
         l1_tables.append((offset, np.frombuffer(raw, dtype=">u8").copy(), False))
     for l1_offset, l1, active in l1_tables:
         await _walk_l1(driver, counter, l1_offset, l1, active)
+    await _walk_bitmaps(driver, counter)
     _walk_refcount_structure(driver, counter)
     return walk
 
@@ -245,6 +250,39 @@ def _walk_l2(
         start, length = g.compressed_clusters(int(entries[i]))
         if not counter.add(walk.refs, start, length, "compressed cluster"):
             walk.bad_l2.append((l2_offset, i))
+
+
+async def _walk_bitmaps(driver: Qcow2Driver, counter: _Counter) -> None:
+    """Persistent dirty bitmaps own clusters too: the directory, tables and data."""
+    info = driver.extensions.bitmaps
+    if info is None:
+        return
+    walk = counter.walk
+    offset, size, count = info
+    if size > QCOW_MAX_BITMAP_DIRECTORY_SIZE or offset % counter.cs:
+        walk.errors.append("ERROR bitmap directory is invalid")
+        return
+    if not counter.add(walk.refs, offset, size, "bitmap directory"):
+        return
+    raw = bytes(await driver._file.pread(offset, size))
+    try:
+        tables = parse_bitmap_directory(raw, count)
+    except ImageError as exc:
+        walk.errors.append(f"ERROR {exc}")
+        return
+    for table_offset, entries in tables:
+        length = entries * 8
+        if table_offset % counter.cs or length > QCOW_MAX_L1_SIZE:
+            walk.errors.append(f"ERROR bitmap table at {table_offset:#x} is invalid")
+            continue
+        if not counter.add(walk.refs, table_offset, length, "bitmap table"):
+            continue
+        table = np.frombuffer(bytes(await driver._file.pread(table_offset, length)), dtype=">u8")
+        data = table & np.uint64(BME_TABLE_ENTRY_OFFSET_MASK)
+        data = data[data != 0]
+        outside = counter.add_clusters(walk.refs, data)
+        if outside.any():
+            walk.errors.append(f"ERROR bitmap data cluster past the end (table {table_offset:#x})")
 
 
 def _count_fragmentation(

@@ -138,6 +138,26 @@ _FEATURE_ENTRY = cs.Struct(
     "name" / cs.PaddedString(46, "ascii"),
 )
 
+_BITMAPS_EXT = cs.Struct(
+    "nb_bitmaps" / cs.Int32ub,
+    "reserved" / cs.Int32ub,
+    "directory_size" / cs.Int64ub,
+    "directory_offset" / cs.Int64ub,
+)
+
+_BITMAP_DIR_ENTRY = cs.Struct(
+    "table_offset" / cs.Int64ub,
+    "table_size" / cs.Int32ub,
+    "flags" / cs.Int32ub,
+    "type" / cs.Int8ub,
+    "granularity_bits" / cs.Int8ub,
+    "name_size" / cs.Int16ub,
+    "extra_data_size" / cs.Int32ub,
+)
+BITMAP_DIR_ENTRY_SIZE = 24
+BME_TABLE_ENTRY_OFFSET_MASK = 0x00FFFFFFFFFFFE00
+QCOW_MAX_BITMAP_DIRECTORY_SIZE = 64 * 1024 * 1024
+
 _SNAPSHOT_FIXED = cs.Struct(
     "l1_table_offset" / cs.Int64ub,
     "l1_size" / cs.Int32ub,
@@ -176,6 +196,8 @@ class HeaderExtensions:
     data_file: str | None = None
     feature_names: dict[tuple[int, int], str] = field(default_factory=dict)
     has_bitmaps: bool = False
+    # (directory offset, directory size, number of bitmaps) from the bitmaps extension
+    bitmaps: tuple[int, int, int] | None = None
     has_crypto: bool = False
     unknown: tuple[tuple[int, bytes], ...] = ()
 
@@ -394,6 +416,7 @@ def parse_extensions(header: Qcow2Header, raw: bytes) -> HeaderExtensions:
     names: dict[tuple[int, int], str] = {}
     unknown: list[tuple[int, bytes]] = []
     has_bitmaps = has_crypto = False
+    bitmaps: tuple[int, int, int] | None = None
     while pos + 8 <= limit:
         ext = _EXT_HEADER.parse(raw[pos : pos + 8])
         pos += 8
@@ -413,6 +436,9 @@ def parse_extensions(header: Qcow2Header, raw: bytes) -> HeaderExtensions:
             names = _feature_names(data)
         elif ext.type == EXT_BITMAPS:
             has_bitmaps = True
+            if len(data) >= 24:
+                b = _BITMAPS_EXT.parse(data[:24])
+                bitmaps = (b.directory_offset, b.directory_size, b.nb_bitmaps)
         elif ext.type == EXT_CRYPTO:
             has_crypto = True
         else:
@@ -423,6 +449,7 @@ def parse_extensions(header: Qcow2Header, raw: bytes) -> HeaderExtensions:
         data_file=data_file,
         feature_names=names,
         has_bitmaps=has_bitmaps,
+        bitmaps=bitmaps,
         has_crypto=has_crypto,
         unknown=tuple(unknown),
     )
@@ -500,6 +527,20 @@ def parse_snapshot_table(raw: bytes, count: int) -> list[SnapshotEntry]:
         size += -size % 8
         out.append(SnapshotEntry(fixed.l1_table_offset, fixed.l1_size, id_str, name, size))
         pos += size
+    return out
+
+
+def parse_bitmap_directory(raw: bytes, count: int) -> list[tuple[int, int]]:
+    """(bitmap table offset, entries) of each bitmap in a bitmap directory."""
+    out: list[tuple[int, int]] = []
+    pos = 0
+    for _ in range(count):
+        if pos + BITMAP_DIR_ENTRY_SIZE > len(raw):
+            raise InvalidImageError("bitmap directory truncated")
+        e = _BITMAP_DIR_ENTRY.parse(raw[pos : pos + BITMAP_DIR_ENTRY_SIZE])
+        out.append((e.table_offset, e.table_size))
+        size = BITMAP_DIR_ENTRY_SIZE + e.extra_data_size + e.name_size
+        pos += size + (-size % 8)
     return out
 
 

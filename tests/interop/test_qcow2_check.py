@@ -311,3 +311,25 @@ async def test_persistent_bitmaps_are_counted_and_survive_repair(tmp_path: Path)
     assert info["format-specific"]["data"]["bitmaps"][0]["name"] == "b1"
     with pytest.raises(InvalidImageError, match="bitmaps"):
         await open_chain(str(path), ChainOptions(read_only=False))
+
+
+async def test_corrupt_refcounts_never_let_writes_overwrite_metadata(tmp_path: Path) -> None:
+    """With the L2 table's refcount zeroed, the allocator would hand it out: refused."""
+    require_tools("qemu-img", "qemu-io")
+    path = _base(tmp_path)
+    l2 = P.u64(path, P.l1_entry_at(path, 0)) & 0x00FFFFFFFFFFFE00
+    P.put_u16(path, P.refcount_entry_at(path, l2 // P.cluster_size(path)), 0)
+    before = path.read_bytes()[l2 : l2 + 65536]
+    chain = await open_chain(str(path), ChainOptions(read_only=False))
+    dev = BlockDevice(chain.top)
+
+    async def fill() -> None:
+        for off in range(1 << 20, 4 << 20, 65536):  # allocations walk up from the start
+            await dev.write(off, b"z" * 65536)
+
+    try:
+        with pytest.raises(CorruptImageError, match="overlaps"):
+            await fill()
+    finally:
+        await chain.aclose()
+    assert path.read_bytes()[l2 : l2 + 65536] == before

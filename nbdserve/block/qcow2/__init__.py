@@ -298,6 +298,7 @@ class Qcow2Driver(FormatDriver):
         refcounts.before_decrement = l2_cache.flush
         refcounts.on_reftable_moved = self._write_reftable_location
         refcounts.protected = self._metadata_ranges
+        refcounts.l2_offsets = lambda: self.cmap.l1
 
     def _metadata_ranges(self) -> list[tuple[int, int]]:
         h = self.header

@@ -85,6 +85,8 @@ class Refcounts:
         self.before_decrement: Callable[[], Awaitable[None]] | None = None
         # (start, end) host byte ranges allocation must never hand out
         self.protected: Callable[[], list[tuple[int, int]]] = list
+        # the active L1 table, for the overlap check against L2 tables
+        self.l2_offsets: Callable[[], np.ndarray] = lambda: np.zeros(0, dtype=">u8")
 
     # ---- lookups ---------------------------------------------------------------
 
@@ -246,12 +248,25 @@ class Refcounts:
             idx = block_end
 
     def _check_protected(self, offset: int, length: int) -> None:
+        """QEMU's cached overlap check: a fresh allocation must not land on live metadata
+        (header, L1/refcount/snapshot tables, active L2 tables, refcount blocks).  Only
+        corrupt refcounts can make it, and overwriting metadata would spread the damage."""
         for start, end in self.protected():
             if offset < end and start < offset + length:
-                raise CorruptImageError(
-                    f"allocator handed out {offset:#x}+{length:#x}, which overlaps metadata "
-                    f"at {start:#x}..{end:#x}: the refcounts are corrupt"
-                )
+                self._overlap(offset, length, f"metadata at {start:#x}..{end:#x}")
+        first = np.uint64(offset & ~(self.cluster_size - 1))
+        last = np.uint64(offset + length)
+        for name, table in (("refcount block", self.reftable), ("L2 table", self.l2_offsets())):
+            offsets = table & np.uint64(REFT_OFFSET_MASK & 0x00FFFFFFFFFFFFFF)
+            hit = (offsets >= first) & (offsets < last)
+            if hit.any():
+                self._overlap(offset, length, f"a {name} at {int(offsets[hit][0]):#x}")
+
+    def _overlap(self, offset: int, length: int, what: str) -> None:
+        raise CorruptImageError(
+            f"allocator handed out {offset:#x}+{length:#x}, which overlaps {what}: "
+            "the refcounts are corrupt (repair with img check -r all)"
+        )
 
     # ---- table growth -----------------------------------------------------------------
 

@@ -96,10 +96,10 @@ async def _run_case(name: str, ops: list[tuple[str, int, int, int]]) -> None:
         assert to_raw(path, Path(d) / "out.raw") == bytes(model)
 
 
-def _make_test(name: str):  # type: ignore[no-untyped-def]
+def _make_test(name: str, examples: int = 12):  # type: ignore[no-untyped-def]
     cluster = 512 if "512" in name else (16384 if name == "extl2" else 4096)
 
-    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck))
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck))
     @given(ops=_ops(cluster))
     async def test(ops: list[tuple[str, int, int, int]]) -> None:
         require_tools("qemu-img", "qemu-io")
@@ -113,3 +113,10 @@ test_model_c512 = _make_test("c512")
 test_model_extl2 = _make_test("extl2")
 test_model_c512_backing = _make_test("c512-backing")
 test_model_v2_4k = _make_test("v2-4k")
+
+
+# soak variants: 300 examples per configuration (only with --run-slow)
+test_model_soak_c512 = pytest.mark.slow(_make_test("c512", 300))
+test_model_soak_extl2 = pytest.mark.slow(_make_test("extl2", 300))
+test_model_soak_c512_backing = pytest.mark.slow(_make_test("c512-backing", 300))
+test_model_soak_v2_4k = pytest.mark.slow(_make_test("v2-4k", 300))

@@ -346,3 +346,35 @@ async def test_concurrent_clients_through_the_server(tmp_path: Path) -> None:
     check = json.loads(qemu_img("check", "--output=json", top))
     assert check["allocated-clusters"] == 4
     assert to_raw(top, tmp_path / "t.raw") == bytes(model)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        {"cluster_size": "2M", "extended_l2": "on"},
+        {"cluster_size": "512", "compat": "0.10"},
+        {"preallocation": "metadata", "extended_l2": "on"},
+        {"lazy_refcounts": "on", "compression_type": "zstd"},
+        {"data_file": "img.data"},
+        {"data_file": "img.data", "data_file_raw": "on", "cluster_size": "4K"},
+    ],
+    ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()),
+)
+async def test_random_ops_on_created_images(tmp_path: Path, opts: dict[str, str]) -> None:
+    require_tools("qemu-img")
+    path = tmp_path / "img.qcow2"
+    size = 8 << 20
+    if "data_file" in opts:  # absolute, so qemu-img (7.2 resolves against its cwd) agrees
+        opts = {**opts, "data_file": str(tmp_path / opts["data_file"])}
+    await create_image(str(path), size, dict(opts))
+    model = bytearray(size)
+    dev, chain = await _open(path)
+    try:
+        await _random_ops(dev, model, random.Random(str(opts)), 60)
+        assert await dev.read(0, size) == bytes(model)
+    finally:
+        await chain.aclose()  # type: ignore[attr-defined]
+    assert_clean(path)
+    assert to_raw(path, tmp_path / "out.raw") == bytes(model)
+    if opts.get("data_file_raw") == "on":  # the raw data file alone shows the guest's bytes
+        assert (tmp_path / "img.data").read_bytes() == bytes(model)

@@ -493,10 +493,9 @@ class Qcow2Driver(FormatDriver):
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         self._check_open()
-        span = 1 << self.g.l2_span_bits
         cap = min(length, self.size - offset)
         # bound the work per call by the number of L2 tables that may be mapped
-        limit_end = ((offset >> self.g.l2_span_bits) + STATUS_MAX_TABLES) * span
+        limit_end = self._status_limit(offset)
         with self._failing_on_corruption():
             runs = await self._map(offset, min(cap, max(1, limit_end - offset)))
             if self._metadata_prealloc is None:
@@ -509,6 +508,16 @@ class Qcow2Driver(FormatDriver):
                 else:
                     out.append(ext)
         return out
+
+    def _status_limit(self, offset: int) -> int:
+        """End of the range one block_status call maps: STATUS_MAX_TABLES allocated L2
+        tables from ``offset``; stretches without tables cost nothing, however long."""
+        span_bits = self.g.l2_span_bits
+        start = offset >> span_bits
+        allocated = np.flatnonzero(self.cmap.l1[start:] & np.uint64(L2E_OFFSET_MASK))
+        if len(allocated) <= STATUS_MAX_TABLES:
+            return self.size
+        return (start + int(allocated[STATUS_MAX_TABLES])) << span_bits
 
     def _run_status(self, run: Run) -> list[Extent]:
         kind = run.kind

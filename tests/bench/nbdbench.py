@@ -178,7 +178,18 @@ def first_line(argv: Sequence[str]) -> str:
 
 
 def git_head(src: Path) -> str:
-    return first_line(["git", "-C", str(src), "describe", "--always", "--dirty"])
+    """`git describe` of the nbdserve source, or the content of a COMMIT file beside it."""
+    try:
+        return (src / "COMMIT").read_text().strip()
+    except OSError:
+        pass
+    p = subprocess.run(
+        ["git", "-C", str(src), "describe", "--always", "--dirty"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return p.stdout.strip() if p.returncode == 0 else "unknown"
 
 
 def versions(args: argparse.Namespace) -> dict[str, Any]:
@@ -1018,34 +1029,35 @@ def peer_ratios(
 ) -> dict[tuple[str, str], tuple[float, str, str]]:
     """(fmt, workload) -> (median per-round subject/best-peer IOPS, best peer, peer fmt).
 
-    The best peer is the peer with the highest IOPS in that round; a format without
-    peers (fvd) is compared with the peers of `baseline_format` (same data, raw).
+    The best peer of a workload is the peer with the highest median IOPS over the
+    rounds; the ratio is taken in every round against that peer, and its median is
+    returned. A format without peers (fvd) is compared with the peers of
+    `baseline_format` (the same data, raw).
     """
-    by: dict[tuple[str, str, int], dict[str, float]] = {}
+    agg = aggregate(records)
+    by_round: dict[tuple[str, str, str], dict[Any, float]] = {}
     for r in records:
         if "error" not in r and r.get("iops"):
-            by.setdefault((r["fmt"], r["workload"], r["round"]), {})[r["server"]] = r["iops"]
-    ratios: dict[tuple[str, str], list[float]] = {}
-    best: dict[tuple[str, str], Counter[str]] = {}
-    peer_fmt: dict[tuple[str, str], str] = {}
-    for (fmt, wl, rnd), servers in by.items():
-        if subject not in servers:
+            key = (r["fmt"], r["server"], r["workload"])
+            by_round.setdefault(key, {})[r["round"]] = r["iops"]
+    out: dict[tuple[str, str], tuple[float, str, str]] = {}
+    for fmt, wl in dict.fromkeys((f, w) for f, s, w in by_round if s == subject):
+        for pfmt in (fmt, baseline_format):
+            peers = {
+                s: a["iops"]
+                for (f, s, w), a in agg.items()
+                if f == pfmt and w == wl and s != subject and a.get("iops")
+            }
+            if peers:
+                break
+        else:
             continue
-        peers = {s: v for s, v in servers.items() if s != subject}
-        pfmt = fmt
-        if not peers:
-            pfmt = baseline_format
-            peers = {s: v for s, v in by.get((pfmt, wl, rnd), {}).items() if s != subject}
-        if not peers:
-            continue
-        name = max(peers, key=lambda s: peers[s])
-        ratios.setdefault((fmt, wl), []).append(servers[subject] / peers[name])
-        best.setdefault((fmt, wl), Counter())[name] += 1
-        peer_fmt[(fmt, wl)] = pfmt
-    return {
-        k: (statistics.median(v), best[k].most_common(1)[0][0], peer_fmt[k])
-        for k, v in ratios.items()
-    }
+        best = max(peers, key=lambda s: peers[s])
+        mine, theirs = by_round[(fmt, subject, wl)], by_round[(pfmt, best, wl)]
+        ratios = [mine[rnd] / theirs[rnd] for rnd in mine if rnd in theirs]
+        if ratios:
+            out[(fmt, wl)] = (statistics.median(ratios), best, pfmt)
+    return out
 
 
 def pct(a: Record, f: str) -> str:
@@ -1201,23 +1213,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+# py-spy counts a trio worker thread waiting for its next job (a lock acquire with
+# a timeout) as active: samples whose innermost frame is that wait are idle time.
+IDLE_LEAF = re.compile(r"^WorkerThread\._work \(.*_thread_cache\.py(:\d+)?\)$")
+
+
 def cmd_profile_summary(args: argparse.Namespace) -> int:
     """Self and inclusive sample shares per function of py-spy raw (collapsed) output."""
     for path in args.files:
         self_counts: Counter[str] = Counter()
         incl_counts: Counter[str] = Counter()
-        total = 0
+        total = idle = 0
         for line in Path(path).read_text().splitlines():
             stack, _, count = line.rpartition(" ")
             if not stack or not count.isdigit():
                 continue
             n = int(count)
+            frames = stack.split(";")
+            if IDLE_LEAF.match(frames[-1]):
+                idle += n
+                continue
             total += n
-            frames = [strip_line(f) for f in stack.split(";")]
+            frames = [strip_line(f) for f in frames]
             self_counts[frames[-1]] += n
             for f in set(frames):
                 incl_counts[f] += n
-        print(f"\n### {path}: {total} samples\n")
+        total = max(total, 1)
+        print(f"\n### {path}: {total} busy samples ({idle} idle worker-thread samples left out)\n")
         rows = [[f"{100 * n / total:.1f}", f] for f, n in self_counts.most_common(args.top)]
         table(["self %", "function"], rows)
         print()

@@ -59,10 +59,12 @@ from nbdserve.block.qcow2.cluster import (
 from nbdserve.block.qcow2.locks import RangeLock
 from nbdserve.block.qcow2.refcount import Refcounts
 from nbdserve.block.qcow2.structs import (
+    AUTOCLEAR_BITMAPS,
     AUTOCLEAR_DATA_FILE_RAW,
     COMPAT_LAZY_REFCOUNTS,
     COMPRESSION_NAMES,
     COMPRESSION_ZSTD,
+    HDR_AUTOCLEAR_FEATURES,
     HDR_REFCOUNT_TABLE_OFFSET,
     INCOMPAT_CORRUPT,
     INCOMPAT_DATA_FILE,
@@ -201,6 +203,7 @@ class Qcow2Driver(FormatDriver):
             self.backing_file = raw.decode("utf-8", "replace") or None
         if not settings.get("_check"):  # the checker opens anything it can read
             self._check_open_mode(header)
+            header = self.header = await self._clear_unknown_autoclear(header)
         if header.incompatible_features & INCOMPAT_DATA_FILE:
             await self._open_data_file(settings)
         self.size = header.size
@@ -255,6 +258,19 @@ class Qcow2Driver(FormatDriver):
             raise InvalidImageError(
                 "images with persistent dirty bitmaps can only be opened read-only"
             )
+
+    async def _clear_unknown_autoclear(self, header: Qcow2Header) -> Qcow2Header:
+        """A writer that does not maintain what an autoclear bit vouches for must clear
+        the bit (qcow2.txt), e.g. the bitmaps bit without a bitmaps extension."""
+        if self.read_only or header.version < 3:
+            return header
+        known = AUTOCLEAR_DATA_FILE_RAW | (AUTOCLEAR_BITMAPS if self.extensions.has_bitmaps else 0)
+        kept = header.autoclear_features & known
+        if kept == header.autoclear_features:
+            return header
+        await self._file.pwrite(HDR_AUTOCLEAR_FEATURES, pack_u64(kept))
+        await self._file.sync()
+        return header.with_fields(autoclear_features=kept)
 
     async def _open_data_file(self, settings: dict[str, object]) -> None:
         from nbdserve.block.chain import resolve_backing_path

@@ -90,3 +90,18 @@ async def test_truncated_file_is_an_open_error(tmp_path: Path) -> None:
         path.write_bytes(data[:n])
         with pytest.raises(InvalidImageError):
             await _open(path, True)
+
+
+async def test_unknown_autoclear_bits_are_cleared_by_a_writer(tmp_path: Path) -> None:
+    path = await _make(tmp_path)
+    with open(path, "r+b") as f:
+        f.seek(88)
+        f.write(struct.pack(">Q", (1 << 5) | 1))  # unknown bit 5, bitmaps bit without extension
+    await _open(path, True)
+    with open(path, "rb") as f:
+        f.seek(88)
+        assert struct.unpack(">Q", f.read(8))[0] == (1 << 5) | 1  # a reader leaves them
+    await _open(path, False)
+    with open(path, "rb") as f:
+        f.seek(88)
+        assert struct.unpack(">Q", f.read(8))[0] == 0

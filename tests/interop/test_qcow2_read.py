@@ -159,3 +159,24 @@ async def test_fast_path_spans_contiguous_clusters_and_zero_copy(tmp_path: Path)
             assert os.pread(fd, 16, host) == b"\x07" * 16
     finally:
         await chain.aclose()
+
+
+@pytest.mark.parametrize("opts", ["cluster_size=64k", "extended_l2=on"])
+async def test_fast_path_answers_zero_clusters_without_backing(tmp_path: Path, opts: str) -> None:
+    require_tools("qemu-img", "qemu-io")
+    path = tmp_path / "z.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, path, "4M")
+    qemu_io(path, "write -P 7 0 8k", "write -z 64k 64k")
+    chain = await open_chain(str(path), ChainOptions(read_only=True))
+    try:
+        top = chain.top
+        await top.readinto(0, memoryview(bytearray(512)))  # load the L2 table
+        for off, want in ((70 * 1024, True), (200 * 1024, True), (3 << 20, True), (4096, True)):
+            buf = bytearray(b"\xff" * 4096)
+            assert top.try_readinto(off, memoryview(buf)) is want
+            expected = b"\x07" * 4096 if off == 4096 else bytes(4096)
+            assert buf == expected, off
+        if "extended" in opts:  # allocated and unallocated subclusters mixed: declined
+            assert not top.try_readinto(6 * 1024, memoryview(bytearray(4096)))
+    finally:
+        await chain.aclose()

@@ -423,9 +423,12 @@ class Qcow2Driver(FormatDriver):
 
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
         host = self.cmap.peek_host(offset, len(buf))
-        if host < 0:
-            return False
-        return self.data_file.try_pread_into(host, buf)
+        if host >= 0:
+            return self.data_file.try_pread_into(host, buf)
+        if self.cmap.peek_reads_zero(offset, len(buf), no_backing=self.backing is None):
+            fill_zeros(buf)
+            return True
+        return False
 
     def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
         if self._closed:

@@ -40,6 +40,7 @@ from nbdserve.block.qcow2.structs import (
     NP_ZERO,
     QCOW_OFLAG_COMPRESSED,
     QCOW_OFLAG_COPIED,
+    QCOW_OFLAG_ZERO,
 )
 from nbdserve.errors import CorruptImageError
 
@@ -505,3 +506,41 @@ class ClusterMap:
         if limit is not None and host0 + ((n - 1) << cb) >= limit:
             return -1
         return host0 + (offset & ((1 << cb) - 1))
+
+    def peek_reads_zero(self, offset: int, length: int, *, no_backing: bool) -> bool:
+        """True when [offset, +length) inside one cluster is known to read as zeros from
+        cached metadata alone (zero flags, or unallocated without a backing file)."""
+        g = self.g
+        cb = g.cluster_bits
+        in_cluster = offset & ((1 << cb) - 1)
+        if in_cluster + length > (1 << cb):
+            return False
+        l1i = offset >> g.l2_span_bits
+        if l1i >= len(self.l1):
+            return False
+        l2_off = int(self.l1[l1i]) & L1E_OFFSET_MASK
+        if not l2_off:
+            return no_backing
+        table = self.l2_cache.peek(l2_off)
+        if table is None:
+            return False
+        idx = (offset >> cb) & ((1 << g.l2_bits) - 1)
+        if g.extended_l2:
+            entry = int(table[2 * idx])
+            if entry & QCOW_OFLAG_COMPRESSED:
+                return False
+            bitmap = int(table[2 * idx + 1])
+            first = in_cluster >> g.unit_bits
+            last = (in_cluster + length - 1) >> g.unit_bits
+            want = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+            if bitmap & want:  # some unit allocated
+                return False
+            return no_backing or (bitmap >> 32) & want == want
+        entry = int(table[idx])
+        if entry & QCOW_OFLAG_COMPRESSED:
+            return False
+        if g.has_zero_flag and entry & QCOW_OFLAG_ZERO:
+            return True
+        if entry & L2E_OFFSET_MASK or (g.external_data and entry & QCOW_OFLAG_COPIED):
+            return False
+        return no_backing

@@ -161,7 +161,8 @@ async def _walk(driver: Qcow2Driver) -> _Walk:
     h = driver.header
     cs = h.cluster_size
     n_clusters = -(-driver._file.size // cs)
-    walk = _Walk(np.zeros(n_clusters, dtype=np.int64), np.zeros(n_clusters, dtype=np.int64))
+    # 4 bytes per host cluster and array: memory follows the file size, not header numbers
+    walk = _Walk(np.zeros(n_clusters, dtype=np.uint32), np.zeros(n_clusters, dtype=np.uint32))
     counter = _Counter(driver, walk)
     counter.add(walk.refs, 0, cs, "header")
     counter.add(walk.refs, h.l1_table_offset, h.l1_size * 8, "L1 table")
@@ -319,7 +320,7 @@ def _walk_refcount_structure(driver: Qcow2Driver, counter: _Counter) -> None:
 
 async def _on_disk_refcounts(driver: Qcow2Driver, n_clusters: int) -> np.ndarray:
     rc = driver.refcounts
-    out = np.zeros(n_clusters, dtype=np.int64)
+    out = np.zeros(n_clusters, dtype=np.uint64)
     blocks = rc.reftable & np.uint64(REFT_OFFSET_MASK)
     for bi in np.flatnonzero(blocks).tolist():
         offset = int(blocks[bi])
@@ -331,7 +332,7 @@ async def _on_disk_refcounts(driver: Qcow2Driver, n_clusters: int) -> np.ndarray
         raw = await driver._file.pread(offset, driver.header.cluster_size)
         counts = decode_refcounts(raw, driver.header.refcount_order)
         n = min(len(counts), n_clusters - first)
-        out[first : first + n] = counts[:n].astype(np.int64)
+        out[first : first + n] = counts[:n]
     return out
 
 
@@ -445,8 +446,9 @@ async def _repair(driver: Qcow2Driver, mode: str) -> None:
         await _clear_bad_entries(driver, walk)
     walk = await _walk(driver)
     ondisk = await _on_disk_refcounts(driver, len(walk.refs))
-    targets = walk.refs if mode == "all" else np.minimum(ondisk, walk.refs)
-    targets = np.minimum(targets, driver.refcounts.max_refcount)
+    refs = walk.refs.astype(np.uint64)
+    targets = refs if mode == "all" else np.minimum(ondisk, refs)
+    targets = np.minimum(targets, np.uint64(driver.refcounts.max_refcount))
     await _rebuild_refcounts(driver, targets)
     if mode == "all":
         await _fix_copied(driver, targets)

@@ -58,7 +58,7 @@ from nbdserve.protocol.state import (
     TRANSMISSION_REPLIES,
     Phase,
 )
-from nbdserve.protocol.validate import TransmissionState, validate_request
+from nbdserve.protocol.validate import TransmissionState, is_plain_read, validate_request
 from nbdserve.protocol.wire import (
     EXPORT_NAME_ZEROES,
     EXTENDED_READ_CHUNK_STRUCT,
@@ -458,10 +458,13 @@ class ServerConnection:
         if cmd == _WRITE:
             return self._read_write(hsize, flags, handle, offset, length)
         self._pos = pos + hsize
+        st = self._tstate or self._transmission_state()
+        if is_plain_read(st, cmd, flags, offset, length):
+            return ev.Request(handle, cmd, flags, offset, length)
         if cmd == _DISC:
             self._phase = Phase.CLOSED
             return ev.Disconnect()
-        bad = validate_request(self._transmission_state(), cmd, flags, offset, length)
+        bad = validate_request(st, cmd, flags, offset, length)
         if bad is not None:
             return ev.InvalidRequest(handle, cmd, flags, offset, length, bad[0], bad[1])
         return ev.Request(handle, cmd, flags, offset, length)

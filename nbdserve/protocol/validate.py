@@ -48,6 +48,8 @@ class TransmissionState:
     min_block: int
     allowed: Mapping[int, int]
     read_only: bool
+    # the command flags a READ may not carry, precomputed for the fast path
+    read_forbidden: int = 0
 
     @classmethod
     def create(
@@ -79,6 +81,7 @@ class TransmissionState:
             min_block=min_block,
             allowed=allowed,
             read_only=bool(flags & TxFlag.READ_ONLY),
+            read_forbidden=~allowed[_READ],
         )
 
 
@@ -95,6 +98,18 @@ def allowed_flags(cmd: int, flags: TxFlag, structured: bool) -> int:
     if cmd == Cmd.BLOCK_STATUS:
         return fua | int(CmdFlag.REQ_ONE)
     return fua
+
+
+def is_plain_read(st: TransmissionState, cmd: int, flags: int, offset: int, length: int) -> bool:
+    """True for a READ that validate_request would accept: the per-request
+    shortcut for the commonest request (a property test proves the two agree)."""
+    return (
+        cmd == _READ
+        and not flags & st.read_forbidden
+        and 0 < length <= st.max_payload
+        and offset + length <= st.size
+        and st.min_block == 1
+    )
 
 
 def validate_request(

@@ -491,13 +491,19 @@ class Session:
         try_write = device.try_write
         reply_ok = conn.reply_ok
         zero_copy = device.zero_copy_region
-        count = self.stats.count
+        stats = self.stats
+        per_command = stats.requests  # valid requests have known commands
+        read_bytes = write_bytes = 0
         deferred: list[ev.Request] = []
         for event in events:
             if type(event) is request_t:
                 req: ev.Request = event
                 cmd = req.cmd
-                count(cmd, req.length)
+                per_command[cmd] += 1
+                if cmd == read_cmd:
+                    read_bytes += req.length
+                elif cmd == write_cmd:
+                    write_bytes += req.length
                 if cmd == read_cmd and req.length >= ZERO_COPY_MIN:
                     region = zero_copy(req.offset, req.length)
                     if region is not None:
@@ -518,11 +524,13 @@ class Session:
                         continue
                 deferred.append(req)
             elif isinstance(event, ev.InvalidRequest):
-                count(event.cmd)
-                self.stats.errors += 1
+                stats.count(event.cmd)
+                stats.errors += 1
                 out.append(conn.reply_error(event.handle, event.errno, event.reason, event.offset))
             elif not isinstance(event, ev.Disconnect | ev.ConnectionClosed):
                 raise AssertionError(f"unexpected transmission event {event!r}")
+        stats.bytes_read += read_bytes
+        stats.bytes_written += write_bytes
         return deferred
 
     def _refuse_all(

@@ -270,3 +270,40 @@ def test_extended_lengths_validate_against_64_bit_sizes() -> None:
     ]
     assert events[0].length == 5 << 32  # type: ignore[attr-defined]
     assert events[4].errno == NbdErrno.ENOSPC  # type: ignore[attr-defined]
+
+
+# ---- the per-request shortcut agrees with the full validation ------------------
+
+from hypothesis import given  # noqa: E402
+from hypothesis import strategies as hs  # noqa: E402
+
+from nbdserve.protocol.validate import (  # noqa: E402
+    TransmissionState,
+    is_plain_read,
+    validate_request,
+)
+
+
+@given(
+    tx=hs.integers(0, (1 << 13) - 1),
+    structured=hs.booleans(),
+    min_block=hs.sampled_from([1, 512, 4096]),
+    cmd=hs.integers(0, 9),
+    flags=hs.integers(0, 0xFFFF),
+    offset=hs.integers(0, 1 << 31),
+    length=hs.integers(0, 1 << 26),
+)
+def test_plain_read_shortcut_never_accepts_what_validation_refuses(
+    tx: int, structured: bool, min_block: int, cmd: int, flags: int, offset: int, length: int
+) -> None:
+    st = TransmissionState.create(
+        size=1 << 30,
+        flags=TxFlag(tx) | TxFlag.HAS_FLAGS,
+        structured=structured,
+        extended=False,
+        has_meta_context=structured,
+        max_payload=32 << 20,
+        min_block=min_block,
+    )
+    if is_plain_read(st, cmd, flags, offset, length):
+        assert validate_request(st, cmd, flags, offset, length) is None

@@ -132,7 +132,34 @@ def chain3(d: Path) -> Path:
     return top
 
 
+def extl2_overlay_snapshot(d: Path) -> Path:
+    """Extended L2 overlay (32k clusters) over a qcow2 base, with an internal snapshot:
+    writes must copy allocated subclusters out of clusters shared with the snapshot."""
+    base = d / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
+    qemu_io(base, "write -P 0xab 0 4M")
+    top = d / "xtop.qcow2"
+    qemu_img(
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        "extended_l2=on,cluster_size=32k",
+        "-b",
+        "base.qcow2",
+        "-F",
+        "qcow2",
+        top,
+    )
+    qemu_io(top, "write -P 1 0 100k", "write -P 2 200k 3k", "write -z 300k 10k")
+    qemu_img("snapshot", "-c", "snap1", top)
+    qemu_io(top, "write -P 3 16k 2k", "write -z -u 1m 64k")
+    return top
+
+
 MATRIX: dict[str, Callable[[Path], Path]] = {
+    "extl2_overlay_snapshot": extl2_overlay_snapshot,
     "c512": plain_512,
     "c64k": plain_64k,
     "c2m": plain_2m,

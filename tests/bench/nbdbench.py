@@ -1026,13 +1026,12 @@ def subject_name(records: Sequence[Record]) -> str | None:
 
 def peer_ratios(
     records: Sequence[Record], subject: str, baseline_format: str
-) -> dict[tuple[str, str], tuple[float, str, str]]:
-    """(fmt, workload) -> (median per-round subject/best-peer IOPS, best peer, peer fmt).
+) -> dict[tuple[str, str], tuple[list[float], str, str]]:
+    """(fmt, workload) -> (per-round subject/best-peer IOPS ratios, best peer, peer fmt).
 
     The best peer of a workload is the peer with the highest median IOPS over the
-    rounds; the ratio is taken in every round against that peer, and its median is
-    returned. A format without peers (fvd) is compared with the peers of
-    `baseline_format` (the same data, raw).
+    rounds; the ratio is taken in every round against that peer. A format without
+    peers (fvd) is compared with the peers of `baseline_format` (the same data, raw).
     """
     agg = aggregate(records)
     by_round: dict[tuple[str, str, str], dict[Any, float]] = {}
@@ -1040,7 +1039,7 @@ def peer_ratios(
         if "error" not in r and r.get("iops"):
             key = (r["fmt"], r["server"], r["workload"])
             by_round.setdefault(key, {})[r["round"]] = r["iops"]
-    out: dict[tuple[str, str], tuple[float, str, str]] = {}
+    out: dict[tuple[str, str], tuple[list[float], str, str]] = {}
     for fmt, wl in dict.fromkeys((f, w) for f, s, w in by_round if s == subject):
         for pfmt in (fmt, baseline_format):
             peers = {
@@ -1056,7 +1055,7 @@ def peer_ratios(
         mine, theirs = by_round[(fmt, subject, wl)], by_round[(pfmt, best, wl)]
         ratios = [mine[rnd] / theirs[rnd] for rnd in mine if rnd in theirs]
         if ratios:
-            out[(fmt, wl)] = (statistics.median(ratios), best, pfmt)
+            out[(fmt, wl)] = (ratios, best, pfmt)
     return out
 
 
@@ -1085,7 +1084,7 @@ def print_compare(
         rt = peer_ratios(records, subject, baseline_format)
         print(
             f"\n### {subject} vs the best peer per workload (medians of {rounds} round(s); "
-            "ratio = median of per-round IOPS ratios; CPU 100 = one core)\n"
+            "ratio = median (range) of per-round IOPS ratios; CPU 100 = one core)\n"
         )
         rows = []
         for fmt in formats:
@@ -1093,10 +1092,10 @@ def print_compare(
                 a = agg.get((fmt, subject, wl.name))
                 if a is None:
                     continue
-                ratio, peer, pfmt = rt.get((fmt, wl.name), (None, None, fmt))
+                ratios, peer, pfmt = rt.get((fmt, wl.name), ([], None, fmt))
                 p = agg.get((pfmt, peer, wl.name), {}) if peer else {}
                 label = "-" if peer is None else (peer if pfmt == fmt else f"{peer} ({pfmt})")
-                ratio_cell = f"**{ratio:.2f}**" if ratio is not None else "-"
+                ratio_cell = ratio_text(ratios)
                 peer_cells = summary_cells(p, rss=False)
                 rows.append([fmt, wl.name, *summary_cells(a), label, *peer_cells, ratio_cell])
         table(
@@ -1153,6 +1152,16 @@ def print_compare(
     print_errors_and_commands(records)
 
 
+def ratio_text(ratios: Sequence[float]) -> str:
+    """Median in bold, then the range over the rounds."""
+    if not ratios:
+        return "-"
+    text = f"**{statistics.median(ratios):.2f}**"
+    if len(ratios) > 1:
+        text += f" ({min(ratios):.2f}-{max(ratios):.2f})"
+    return text
+
+
 def summary_cells(a: Record, rss: bool = True) -> list[str]:
     if not a:
         cells = ["-"] * 4
@@ -1199,9 +1208,12 @@ def print_errors_and_commands(records: Sequence[Record]) -> None:
 
 def cmd_report(args: argparse.Namespace) -> int:
     by_mode: dict[str, list[Record]] = {}
-    for path in args.files:
+    for i, path in enumerate(args.files, 1):
         data = json.loads(Path(path).read_text())
-        by_mode.setdefault(data["mode"], []).extend(data["records"])
+        records = data["records"]
+        if len(args.files) > 1:  # round 1 of file 1 and of file 2 are different rounds
+            records = [{**r, "round": f"{i}.{r['round']}"} for r in records]
+        by_mode.setdefault(data["mode"], []).extend(records)
         print(f"<!-- {path}: {json.dumps(data.get('versions', {}))} -->")
     if "compare" in by_mode:
         recs = by_mode["compare"]

@@ -164,16 +164,7 @@ class Session:
             await self.registry.release(export)
 
     async def _send(self, chunks: list[bytes | bytearray | memoryview]) -> None:
-        await self._guarded_send(self._write, chunks)
-
-    async def _guarded_send(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run one whole reply write under the send lock, never half of one.
-
-        The write is shielded, so stopping the reader (shutdown) or cancelling
-        a request cannot cut a reply; its own deadline bounds a client that
-        stops reading.  If a write fails anyway, nothing else is ever written
-        on this connection: a cut reply cannot be followed by another.
-        """
+        """Send whole replies; without any await when the kernel takes them at once."""
         lock = self._send_lock
         try:
             lock.acquire_nowait()
@@ -182,42 +173,77 @@ class Session:
         try:
             if self._broken:
                 raise trio.BrokenResourceError("an earlier reply could not be sent")
-            with trio.CancelScope(shield=True) as scope:
-                scope.deadline = trio.current_time() + SEND_TIMEOUT
-                await write(*args)
-            if scope.cancelled_caught:
-                raise trio.BrokenResourceError("client stopped reading replies")
+            rest = self._write_now(chunks)
+            if rest:
+                await self._shielded(self._write_rest, rest)
         except BaseException:
-            self._broken = True
-            self.conn.send_failed()
-            self._reader_scope.cancel()
+            self._mark_broken()
             raise
         finally:
             lock.release()
 
-    async def _write(self, chunks: list[bytes | bytearray | memoryview]) -> None:
-        """Write ``chunks`` in order; returns without awaiting when the kernel took all."""
+    async def _guarded_send(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Run one whole reply write under the send lock, never half of one."""
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self._broken:
+                raise trio.BrokenResourceError("an earlier reply could not be sent")
+            await self._shielded(write, *args)
+        except BaseException:
+            self._mark_broken()
+            raise
+        finally:
+            lock.release()
+
+    async def _shielded(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
+        """Finish a write that had to wait for the socket.
+
+        Shielded, so stopping the reader (shutdown) or cancelling a request
+        cannot cut a reply; its own deadline bounds a client that stops
+        reading.  A failed write ends the connection (``_mark_broken``): a cut
+        reply can never be followed by another.
+        """
+        with trio.CancelScope(shield=True) as scope:
+            scope.deadline = trio.current_time() + SEND_TIMEOUT
+            await write(*args)
+        if scope.cancelled_caught:
+            raise trio.BrokenResourceError("client stopped reading replies")
+
+    def _mark_broken(self) -> None:
+        self._broken = True
+        self.conn.send_failed()
+        self._reader_scope.cancel()
+
+    def _write_now(self, chunks: list[bytes | bytearray | memoryview]) -> list[memoryview] | None:
+        """Give the kernel what it takes now; return what is left, in order."""
         transport = self.transport
         if len(chunks) == 1:
             data = chunks[0]
         elif sum(len(c) for c in chunks) <= _JOIN_LIMIT:
             data = b"".join(chunks)
         else:
-            await self._write_many(chunks)
-            return
+            sent = transport.try_send_many(list(chunks))
+            rest: list[memoryview] = []
+            for chunk in chunks:
+                n = len(chunk)
+                if sent >= n:
+                    sent -= n
+                    continue
+                rest.append(memoryview(chunk)[sent:])
+                sent = 0
+            return rest or None
         sent = transport.try_send(data)
         if sent < len(data):
-            await transport.send_all(memoryview(data)[sent:])
+            return [memoryview(data)[sent:]]
+        return None
 
-    async def _write_many(self, chunks: list[bytes | bytearray | memoryview]) -> None:
-        sent = self.transport.try_send_many(list(chunks))
-        for chunk in chunks:
-            n = len(chunk)
-            if sent >= n:
-                sent -= n
-                continue
-            await self.transport.send_all(memoryview(chunk)[sent:])
-            sent = 0
+    async def _write_rest(self, rest: list[memoryview]) -> None:
+        for piece in rest:
+            await self.transport.send_all(piece)
 
     async def _send_file(self, reply: _FileReply) -> None:
         await self._guarded_send(

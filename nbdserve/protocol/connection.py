@@ -26,6 +26,7 @@ helpers) uses the ``struct`` twins from wire.py.
 from __future__ import annotations
 
 import struct
+import sys
 from collections.abc import Sequence
 
 from nbdserve.errors import LocalProtocolError, NbdErrno, RemoteProtocolError
@@ -134,6 +135,7 @@ class ServerConnection:
         self._min_block = 1
         self._tstate: TransmissionState | None = None
         self._payload: _Payload | None = None
+        self._pool = _PayloadPool()
         self._greeted = False
         self._transmitted = False  # TRANSMISSION was entered (CLOSED may follow it)
 
@@ -208,6 +210,16 @@ class ServerConnection:
         if n == 0:
             self._eof = True
         target.filled += n
+
+    def recycle(self, payload: object) -> None:
+        """The application is done with a WRITE payload: its buffer may serve again.
+
+        Only a buffer that nothing else refers to is kept (a driver that held
+        on to it would otherwise see it overwritten): the references are the
+        caller's Request, this argument and getrefcount's own.
+        """
+        if type(payload) is bytearray and sys.getrefcount(payload) <= 3:
+            self._pool.give(payload)
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
@@ -497,6 +509,9 @@ class ServerConnection:
         start = self._pos + hsize
         have = min(len(self._buf) - start, length)
         target = _Payload(length, handle, flags, offset)
+        pooled = self._pool.take(length)
+        if pooled is not None:
+            target.data = pooled
         target.append(memoryview(self._buf)[start : start + have])
         self._pos = start + have
         self._compact()
@@ -824,6 +839,32 @@ class _Payload:
         else:
             self.data[self.filled : end] = data
         self.filled = end
+
+
+class _PayloadPool:
+    """Buffers of finished large payloads, reused for later ones of the same size.
+
+    A fresh buffer per 1 MiB write costs a zero-fill or page faults every
+    time; reuse costs nothing.  Bounded in count, so idle memory stays small.
+    """
+
+    def __init__(self, limit: int = 8) -> None:
+        self._free: dict[int, list[bytearray]] = {}
+        self._count = 0
+        self._limit = limit
+
+    def take(self, length: int) -> bytearray | None:
+        bufs = self._free.get(length)
+        if not bufs:
+            return None
+        self._count -= 1
+        return bufs.pop()
+
+    def give(self, buf: bytearray) -> None:
+        if len(buf) < LARGE_PAYLOAD or self._count >= self._limit:
+            return
+        self._free.setdefault(len(buf), []).append(buf)
+        self._count += 1
 
 
 class _BadOption(Exception):

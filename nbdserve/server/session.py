@@ -624,6 +624,8 @@ class Session:
         stats.inflight += 1
         try:
             chunks = await dispatch(self.conn, device, req, strict=self.strict, stats=stats)
+            if req.payload is not None:
+                self.conn.recycle(req.payload)
             try:
                 await self._send(chunks)
             except (trio.BrokenResourceError, trio.ClosedResourceError):

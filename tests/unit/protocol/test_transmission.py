@@ -664,3 +664,36 @@ def test_invalid_large_write_is_not_received_in_place() -> None:
     (event,) = conn.next_events()
     assert isinstance(event, ev.InvalidRequest)
     assert event.errno == NbdErrno.EPERM
+
+
+def _large_write(pair: ProtocolPair, handle: int, length: int) -> ev.Request:
+    conn = pair.server
+    conn.receive_data(cl.request(Cmd.WRITE, handle, 0, length))
+    assert conn.next_events() == []
+    conn.receive_data(bytes([handle]) * length)
+    (event,) = conn.next_events()
+    assert isinstance(event, ev.Request)
+    return event
+
+
+def test_recycled_payload_buffers_serve_the_next_write() -> None:
+    pair = make_pair("structured", size=1 << 30)
+    first = _large_write(pair, 1, 1 << 20)
+    # an id, not a reference: holding the buffer would (rightly) stop its reuse;
+    # the pool keeps the object alive, so the id cannot be taken by another one
+    buf_id = id(first.payload)
+    pair.server.recycle(first.payload)
+    del first
+    second = _large_write(pair, 2, 1 << 20)
+    assert id(second.payload) == buf_id, "the recycled buffer was not reused"
+    assert second.payload == bytes([2]) * (1 << 20)
+
+
+def test_a_payload_still_referenced_elsewhere_is_never_reused() -> None:
+    pair = make_pair("structured", size=1 << 30)
+    first = _large_write(pair, 1, 1 << 20)
+    kept = memoryview(first.payload)  # a driver holding on to the data
+    pair.server.recycle(first.payload)
+    second = _large_write(pair, 2, 1 << 20)
+    assert second.payload is not first.payload
+    assert bytes(kept[:4]) == b"\x01" * 4

@@ -91,6 +91,9 @@ def add_img_parser(sub: Any) -> None:
 
     check = isub.add_parser("check", help="check (and repair) an image")
     check.add_argument("-f", "--format")
+    check.add_argument(
+        "-p", "--progress", action="store_true", help="show a progress bar (on a terminal)"
+    )
     check.add_argument("--output", choices=["human", "json"], default="human")
     check.add_argument("-r", "--repair", choices=["leaks", "all"])
     check.add_argument("path")
@@ -273,7 +276,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     if check is None:
         print(f"This image format does not support checks ({fmt})", file=sys.stderr)
         return EXIT_UNSUPPORTED
-    report: CheckReport = trio.run(check, args.path, args.repair)
+    from nbdserve.progress import Progress, reporting
+
+    bar = Progress(1000, "checking", enabled=None if args.progress else False)
+    with reporting(bar):
+        report: CheckReport = trio.run(check, args.path, args.repair)
     if args.output == "json":
         print(json.dumps(report.to_json(args.path, fmt), indent=4))
     else:

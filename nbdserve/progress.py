@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TextIO
 
 
@@ -53,3 +56,28 @@ class Progress:
         bar = "#" * filled + "-" * (width - filled)
         self.stream.write(f"\r{self.label} [{bar}] {fraction * 100:5.1f}%")
         self.stream.flush()
+
+
+# The bar of the command running now, if any: long operations deep in a driver
+# (qcow2's check walking its L2 tables) report through it without a parameter
+# threaded through every call.
+_current: ContextVar[Progress | None] = ContextVar("nbdserve_progress", default=None)
+
+
+@contextmanager
+def reporting(progress: Progress) -> Iterator[Progress]:
+    """Make ``progress`` the bar that ``report`` updates, inside the block."""
+    token = _current.set(progress)
+    try:
+        with progress:
+            yield progress
+    finally:
+        _current.reset(token)
+
+
+def report(done: int, total: int) -> None:
+    """A long operation is ``done`` of ``total`` through; cheap when nobody shows it."""
+    bar = _current.get()
+    if bar is not None and total > 0:
+        bar.done = min(bar.total, done * bar.total // total)
+        bar._draw()

@@ -52,6 +52,7 @@ from nbdserve.block.qcow2.structs import (
     parse_bitmap_directory,
 )
 from nbdserve.errors import ImageError
+from nbdserve.progress import report as report_progress
 
 if TYPE_CHECKING:
     from nbdserve.block.file import FileBackend
@@ -189,7 +190,9 @@ async def _walk_l1(
     walk = counter.walk
     cs = counter.cs
     offsets = l1 & NP_L1E_OFFSET_MASK
-    for l1i in np.flatnonzero(offsets).tolist():
+    present = np.flatnonzero(offsets).tolist()
+    for step, l1i in enumerate(present):
+        report_progress(step, len(present))
         l2_offset = int(offsets[l1i])
         if l2_offset % cs:
             walk.errors.append(

@@ -84,6 +84,7 @@ from nbdserve.block.qcow2.structs import (
     snapshot_table_max_size,
 )
 from nbdserve.errors import (
+    ConfigError,
     CorruptImageError,
     InvalidImageError,
     NotSupportedError,
@@ -95,6 +96,7 @@ if TYPE_CHECKING:
     from nbdserve.block.check import CheckReport
     from nbdserve.block.file import FileBackend
     from nbdserve.block.formats import OpenOptions
+    from nbdserve.block.qcow2.compress import CompressedWriter
 
 LOGGER = logging.getLogger(__name__)
 
@@ -171,6 +173,7 @@ class Qcow2Driver(FormatDriver):
         self._ranges = RangeLock()
         self._failed: str | None = None
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
+        self._compress: CompressedWriter | None = None  # export setting compress = true
         self.header: Qcow2Header
         self.extensions: HeaderExtensions
         self.backing_file: str | None = None
@@ -240,6 +243,7 @@ class Qcow2Driver(FormatDriver):
             cache_capacity=DEFAULT_REFBLOCK_CACHE,
         )
         self.snapshots = await self._load_snapshots(header)
+        self._compress = self._compressed_writer(settings)
         self._wire_ordering()
         self._update_limits()
         self._setup_capabilities()
@@ -306,15 +310,34 @@ class Qcow2Driver(FormatDriver):
         out.extend((e.l1_table_offset, e.l1_size * 8) for e in entries)
         return out
 
+    def _compressed_writer(self, settings: dict[str, object]) -> CompressedWriter | None:
+        from nbdserve.block.qcow2.compress import CompressedWriter, parse_settings
+
+        wanted = parse_settings(settings)
+        if wanted is None or self.read_only:
+            return None
+        if self.data_file is not self.file:
+            raise ConfigError("compress = true needs an image without an external data file")
+        return CompressedWriter(
+            self._file, self.refcounts, self.g, self.header.compression_type, wanted
+        )
+
     def _wire_ordering(self) -> None:
         """Express the write-ordering rules of the module docstring as cache hooks."""
         refcounts = self.refcounts
         l2_cache = self.cmap.l2_cache
-        l2_cache.before_write = refcounts.flush
+        l2_cache.before_write = self._before_l2_write
         refcounts.before_decrement = l2_cache.flush
         refcounts.on_reftable_moved = self._write_reftable_location
         refcounts.protected = self._metadata_ranges
         refcounts.l2_offsets = lambda: self.cmap.l1
+
+    async def _before_l2_write(self) -> None:
+        """Compressed extents still in the write cache (an L2 entry may point at them),
+        then refcounts, reach the file before any L2 table does."""
+        if self._compress is not None:
+            await self._compress.flush_data()
+        await self.refcounts.flush()
 
     def _metadata_ranges(self) -> list[tuple[int, int]]:
         h = self.header
@@ -410,6 +433,8 @@ class Qcow2Driver(FormatDriver):
         stats = DriverStatistics()
         stats.extra.update(self.cmap.l2_cache.statistics())
         stats.extra.update(self.refcounts.cache.statistics())
+        if self._compress is not None:
+            stats.extra.update(self._compress.statistics())
         return stats
 
     # ---- mapping ---------------------------------------------------------------------
@@ -473,11 +498,7 @@ class Qcow2Driver(FormatDriver):
             return cached
         host, nbytes = self.g.compressed_extent(l2_entry)
         cs = self.header.cluster_size
-        if host + nbytes > self._file.size + 512 or nbytes > 2 * cs + 512:
-            raise CorruptImageError(
-                f"compressed cluster at {host:#x} lies past the end of the file"
-            )
-        raw = bytes(await self._file.pread(host, nbytes))
+        raw = await self._read_compressed(host, nbytes)
         if cs > INLINE_DECOMPRESS_MAX:
             data = await trio.to_thread.run_sync(self._decompress_sync, raw, host)
         else:
@@ -486,6 +507,19 @@ class Qcow2Driver(FormatDriver):
         while len(self._decompressed) > COMPRESSED_CACHE_ENTRIES:
             self._decompressed.popitem(last=False)
         return data
+
+    async def _read_compressed(self, host: int, nbytes: int) -> bytes:
+        """A compressed extent's bytes: from the compressed-write cache while they are
+        not on disk yet, else from the file."""
+        if self._compress is not None:
+            cached = await self._compress.read_raw(self._file, host, nbytes)
+            if cached is not None:
+                return cached
+        if host + nbytes > self._file.size + 512 or nbytes > 2 * self.header.cluster_size + 512:
+            raise CorruptImageError(
+                f"compressed cluster at {host:#x} lies past the end of the file"
+            )
+        return bytes(await self._file.pread(host, nbytes))
 
     def _decompress_sync(self, raw: bytes, host: int) -> bytes:
         cs = self.header.cluster_size
@@ -601,6 +635,8 @@ class Qcow2Driver(FormatDriver):
         c0, c1 = self._cluster_range(offset, n)
         if c1 - c0 != 1 or not self._ranges.is_free(c0, c1):
             return False
+        if self._compress is not None and self._compress.is_full_cluster(offset, n, self.size):
+            return False  # whole clusters are stored compressed
         host = self.cmap.peek_host(offset, n)
         if host < 0 or not self._in_place_ok(offset):
             return False
@@ -632,8 +668,10 @@ class Qcow2Driver(FormatDriver):
 
     async def _write_locked(self, offset: int, mv: memoryview) -> None:
         """Write with the range lock held, one L2 table's span at a time."""
-        from nbdserve.block.qcow2.write import write_span
+        from nbdserve.block.qcow2 import compress
+        from nbdserve.block.qcow2.write import write_span as normal_write_span
 
+        write_span = normal_write_span if self._compress is None else compress.write_span
         span_bits = self.g.l2_span_bits
         pos = 0
         n = mv.nbytes
@@ -684,6 +722,8 @@ class Qcow2Driver(FormatDriver):
         """Write cached metadata in dependency order (refcounts, then L2)."""
         with trio.CancelScope(shield=True):
             async with self._meta:
+                if self._compress is not None:  # data L2 entries may point at comes first
+                    await self._compress.flush_data()
                 await self.refcounts.flush()
                 await self.cmap.l2_cache.flush()
 

@@ -261,6 +261,8 @@ async def _drop_references(drv: Qcow2Driver, entries: list[int]) -> None:
             start, length = g.compressed_clusters(entry)
             drv._decompressed.pop(entry, None)
             await drv.refcounts.free_bytes(start, length)
+            if drv._compress is not None:  # freed clusters leave the compressed-write cache
+                await drv._compress.after_free(start, length)
         else:
             host = entry & L2E_OFFSET_MASK
             await drv.refcounts.update(host >> g.cluster_bits, 1, -1)

@@ -68,8 +68,15 @@ class ChunkTable:
         return [int(v) for v in values[counts > 1]]
 
     def leaked(self) -> list[int]:
-        """Physical chunks below the highest used one that nothing references."""
-        used = self.entries[self.entries != TABLE_UNALLOCATED]
+        """Physical chunks below the highest used one that nothing references.
+
+        Only entries that can be valid (``p < chunk_count``) count: the checker
+        meets the others too (it reports them as corruption), and an entry read
+        from the image must never size an allocation (0xFFFFFF00 would ask for
+        16 GiB).
+        """
+        valid = (self.entries != TABLE_UNALLOCATED) & (self.entries < self.chunk_count)
+        used = self.entries[valid]
         if used.size == 0:
             return []
         top = int(used.max())

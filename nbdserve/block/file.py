@@ -50,6 +50,8 @@ _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int6
 _fallocate.restype = ctypes.c_int
 
 _RWF_NOWAIT: int = getattr(os, "RWF_NOWAIT", 0)
+# off_t is signed 64-bit: past this, os.preadv/pwritev raise OverflowError (not an OSError)
+_MAX_HOST_OFFSET = (1 << 63) - 1
 
 # cachestat(2) (Linux 6.5+) tells how much of a file range is in the page cache
 _SYS_CACHESTAT = {"x86_64": 451, "aarch64": 451}.get(os.uname().machine)
@@ -153,11 +155,25 @@ class FileBackend:
 
     # ---- reads --------------------------------------------------------------
 
+    def _check_host_range(self, offset: int, length: int, what: str) -> None:
+        """An offset no file can have fails like a negative one does (EINVAL).
+
+        Offsets come from image metadata, which is untrusted: a table entry
+        of 2**63 or more must give a BlockError, not Python's OverflowError.
+        """
+        if offset < 0 or offset + length > _MAX_HOST_OFFSET:
+            raise HostIOError(
+                f"{what} {self.path}: offset {offset} length {length} is outside any file",
+                errno.EINVAL,
+            )
+
     def try_pread_into(self, offset: int, buf: memoryview) -> bool:
         """Read from the page cache without blocking, or return False."""
         if not self._nowait:
             return False
         n = len(buf)
+        if offset < 0 or offset + n > _MAX_HOST_OFFSET:  # inline: this is the hot path
+            self._check_host_range(offset, n, "read")
         try:
             got = os.preadv(self.fd, [buf], offset, _RWF_NOWAIT)
         except BlockingIOError:
@@ -176,6 +192,7 @@ class FileBackend:
 
     async def pread_into(self, offset: int, buf: memoryview) -> None:
         """Fill ``buf`` from ``offset``; bytes past the end of file read as zeros."""
+        self._check_host_range(offset, len(buf), "read")
         if self.try_pread_into(offset, buf):
             await trio.lowlevel.checkpoint()
             return
@@ -217,7 +234,7 @@ class FileBackend:
         """True when the range holds no hole (one SEEK_HOLE)."""
         try:
             return os.lseek(self.fd, offset, os.SEEK_HOLE) >= offset + length
-        except OSError:
+        except (OSError, OverflowError):
             return False
 
     async def pread(self, offset: int, length: int) -> bytearray:
@@ -232,10 +249,12 @@ class FileBackend:
         mv = memoryview(data)
         if mv.nbytes > INLINE_WRITE_MAX or self.direct:
             return False
+        self._check_host_range(offset, mv.nbytes, "write")
         self._pwrite_all(offset, mv)
         return True
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
+        self._check_host_range(offset, memoryview(data).nbytes, "write")
         if self.try_pwrite(offset, data):
             await trio.lowlevel.checkpoint()
             return

@@ -110,6 +110,11 @@ class FileBackend:
         self.direct = direct
         self.direct_alignment = DIRECT_ALIGNMENT
         self._stripes = [threading.Lock() for _ in range(_STRIPES)] if direct else []
+        # O_DIRECT writes past the end pad to the alignment and truncate back; the end
+        # they truncate to covers every write already started (_started_end), so one
+        # thread's truncate never cuts off another's data (guarded by _end_lock)
+        self._end_lock = threading.Lock()
+        self._started_end = 0
         st = os.fstat(fd)
         self.is_block_device = stat.S_ISBLK(st.st_mode)
         self._size = st.st_size if not self.is_block_device else _block_device_size(fd)
@@ -306,9 +311,9 @@ class FileBackend:
         try:
             while pos < len(view):
                 got = os.preadv(self.fd, [view[pos:]], offset + pos)
-                if got == 0:
-                    break
                 pos += got
+                if got == 0 or pos % self.direct_alignment:
+                    break  # end of file (retrying at an unaligned offset is EINVAL)
         except OSError as exc:
             raise from_os_error(exc, f"read {self.path}") from exc
         finally:
@@ -318,6 +323,8 @@ class FileBackend:
     def _pwrite_direct(self, offset: int, mv: memoryview) -> None:
         n = mv.nbytes
         lo, hi = self._aligned_span(offset, n)
+        with self._end_lock:
+            self._started_end = max(self._started_end, offset + n)
         locks = self._stripes_for(lo, hi)
         for index in locks:
             self._stripes[index].acquire()
@@ -338,14 +345,15 @@ class FileBackend:
         finally:
             for index in reversed(locks):
                 self._stripes[index].release()
-        size = max(self._size, offset + n)
-        if hi > size:
-            # the aligned write went past the data; put the end of file back
-            try:
-                os.ftruncate(self.fd, size)
-            except OSError as exc:
-                raise from_os_error(exc, f"truncate {self.path}") from exc
-        self._size = size
+        with self._end_lock:
+            size = max(self._size, self._started_end)
+            if hi > size:
+                # the aligned write went past the data; put the end of file back
+                try:
+                    os.ftruncate(self.fd, size)
+                except OSError as exc:
+                    raise from_os_error(exc, f"truncate {self.path}") from exc
+            self._size = size
 
     async def sync(self) -> None:
         await trio.to_thread.run_sync(self._sync)
@@ -365,6 +373,7 @@ class FileBackend:
 
         await trio.to_thread.run_sync(work)
         self._size = size
+        self._started_end = min(self._started_end, size)
 
     async def preallocate(self, offset: int, length: int, *, keep_size: bool = False) -> None:
         """Reserve host space (fallocate mode 0); extends the file unless keep_size."""

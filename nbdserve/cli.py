@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="writeback",
         help="host page cache use: writeback (default) or none (O_DIRECT)",
     )
+    serve.add_argument("--compress", action="store_true", help="qcow2: store writes compressed")
     serve.add_argument(
         "--no-locking", action="store_true", help="do not take QEMU-compatible image locks"
     )
@@ -227,6 +228,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         allow=tuple(args.allow) if args.allow else None,
         locking=not args.no_locking,
         cache=args.cache,
+        settings={"compress": True} if args.compress else {},
     )
     bind = None if args.socket and args.bind is None else (args.bind or DEFAULT_BIND)
     kwargs: dict[str, object] = _tls_args(args)

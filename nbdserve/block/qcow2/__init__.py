@@ -174,6 +174,9 @@ class Qcow2Driver(FormatDriver):
         self._failed: str | None = None
         self._decompressed: OrderedDict[int, bytes] = OrderedDict()
         self._compress: CompressedWriter | None = None  # export setting compress = true
+        # bumped whenever a compressed cluster is freed: a decompression that raced with
+        # a free must not be cached (its L2 entry value may come back for new data)
+        self.compressed_frees = 0
         self.header: Qcow2Header
         self.extensions: HeaderExtensions
         self.backing_file: str | None = None
@@ -498,11 +501,14 @@ class Qcow2Driver(FormatDriver):
             return cached
         host, nbytes = self.g.compressed_extent(l2_entry)
         cs = self.header.cluster_size
+        frees = self.compressed_frees
         raw = await self._read_compressed(host, nbytes)
         if cs > INLINE_DECOMPRESS_MAX:
             data = await trio.to_thread.run_sync(self._decompress_sync, raw, host)
         else:
             data = self._decompress_sync(raw, host)
+        if frees != self.compressed_frees:
+            return data
         self._decompressed[l2_entry] = data
         while len(self._decompressed) > COMPRESSED_CACHE_ENTRIES:
             self._decompressed.popitem(last=False)

@@ -260,6 +260,7 @@ async def _drop_references(drv: Qcow2Driver, entries: list[int]) -> None:
         if entry & QCOW_OFLAG_COMPRESSED:
             start, length = g.compressed_clusters(entry)
             drv._decompressed.pop(entry, None)
+            drv.compressed_frees += 1
             await drv.refcounts.free_bytes(start, length)
             if drv._compress is not None:  # freed clusters leave the compressed-write cache
                 await drv._compress.after_free(start, length)

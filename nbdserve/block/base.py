@@ -191,6 +191,13 @@ class BlockDriver(trio.abc.AsyncResource):
         await trio.lowlevel.checkpoint()
         return [Extent(offset, length, Status.ALLOCATED | Status.DATA)]
 
+    def try_block_status(self, offset: int, length: int) -> Sequence[Extent] | None:
+        """``block_status`` now if that cannot block (e.g. every table it needs is
+        cached); None means: call block_status.  Same contract otherwise, and it
+        raises nothing: a layer that would report an error returns None instead.
+        """
+        return None
+
     async def cache(self, offset: int, length: int) -> None:
         """Advisory prefetch of a range; default: nothing."""
         await trio.lowlevel.checkpoint()
@@ -259,6 +266,22 @@ class FormatDriver(BlockDriver):
             fill_zeros(view[inside:])
         if inside == 0:
             await trio.lowlevel.checkpoint()
+
+    def _try_read_backing(self, offset: int, view: memoryview) -> bool:
+        """``_read_backing`` if the backing layer can answer without blocking."""
+        backing = self.backing
+        length = len(view)
+        if backing is None:
+            fill_zeros(view)
+            return True
+        inside = max(0, min(length, backing.size - offset))
+        if inside > backing.limits.max_transfer:
+            return False
+        if inside and not backing.try_readinto(offset, view[:inside]):
+            return False
+        if inside < length:
+            fill_zeros(view[inside:])
+        return True
 
     def _check_open(self) -> None:
         if self._closed:

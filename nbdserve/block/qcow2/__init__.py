@@ -436,6 +436,13 @@ class Qcow2Driver(FormatDriver):
         stats = DriverStatistics()
         stats.extra.update(self.cmap.l2_cache.statistics())
         stats.extra.update(self.refcounts.cache.statistics())
+        cmap = self.cmap
+        stats.extra.update(
+            l1_entries=len(cmap.l1),
+            l2_tables_mapped=cmap.tables_mapped,
+            l2_units_classified=cmap.units_classified,
+            l1_gaps_skipped=cmap.l1_gaps_skipped,
+        )
         if self._compress is not None:
             stats.extra.update(self._compress.statistics())
         return stats
@@ -456,6 +463,10 @@ class Qcow2Driver(FormatDriver):
         if self.cmap.peek_reads_zero(offset, len(buf), no_backing=self.backing is None):
             fill_zeros(buf)
             return True
+        # unallocated here: the backing layer may answer inline too, so a read through
+        # a deep chain costs one cached lookup per layer, not a task switch per layer
+        if self.backing is not None and self.cmap.peek_unallocated(offset, len(buf)):
+            return self._try_read_backing(offset, buf)
         return False
 
     def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
@@ -550,15 +561,32 @@ class Qcow2Driver(FormatDriver):
 
     # ---- block status ---------------------------------------------------------------------
 
+    def try_block_status(self, offset: int, length: int) -> Sequence[Extent] | None:
+        """block_status from cached metadata alone, or None (then call block_status)."""
+        if self._closed or self._metadata_prealloc is not False:
+            return None  # preallocated images ask the host file about holes
+        cap = min(length, self.size - offset)
+        limit_end = self._status_limit(offset, offset + cap)
+        try:
+            runs = self.cmap.peek_runs(offset, min(cap, max(1, limit_end - offset)))
+        except CorruptImageError:
+            return None  # the async path reports it (and marks the image failed)
+        if runs is None:
+            return None
+        return self._runs_to_extents(runs)
+
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         self._check_open()
         cap = min(length, self.size - offset)
         # bound the work per call by the number of L2 tables that may be mapped
-        limit_end = self._status_limit(offset)
+        limit_end = self._status_limit(offset, offset + cap)
         with self._failing_on_corruption():
             runs = await self._map(offset, min(cap, max(1, limit_end - offset)))
             if self._metadata_prealloc is None:
                 self._metadata_prealloc = await self._detect_metadata_preallocation()
+        return self._runs_to_extents(runs)
+
+    def _runs_to_extents(self, runs: list[Run]) -> list[Extent]:
         out: list[Extent] = []
         for run in runs:
             for ext in self._run_status(run):
@@ -568,12 +596,16 @@ class Qcow2Driver(FormatDriver):
                     out.append(ext)
         return out
 
-    def _status_limit(self, offset: int) -> int:
+    def _status_limit(self, offset: int, end: int) -> int:
         """End of the range one block_status call maps: STATUS_MAX_TABLES allocated L2
-        tables from ``offset``; stretches without tables cost nothing, however long."""
+        tables from ``offset``; stretches without tables cost nothing, however long.
+        Only the L1 entries of [offset, end) are looked at."""
         span_bits = self.g.l2_span_bits
         start = offset >> span_bits
-        allocated = np.flatnonzero(self.cmap.l1[start:] & np.uint64(L2E_OFFSET_MASK))
+        stop = ((end - 1) >> span_bits) + 1
+        if stop - start <= STATUS_MAX_TABLES:
+            return self.size
+        allocated = (self.cmap.l1[start:stop] & np.uint64(L2E_OFFSET_MASK)).nonzero()[0]
         if len(allocated) <= STATUS_MAX_TABLES:
             return self.size
         return (start + int(allocated[STATUS_MAX_TABLES])) << span_bits

@@ -350,6 +350,10 @@ class ClusterMap:
         # L2 tables must start below this host offset (the image file's end)
         self.l2_limit = l2_limit
         self.host_limit: int | None = None  # data clusters must start below this
+        # work counters (statistics): what mapping cost, independent of the virtual size
+        self.tables_mapped = 0  # L2 tables consulted by map_runs / peek_runs
+        self.units_classified = 0  # L2 units (clusters or subclusters) looked at
+        self.l1_gaps_skipped = 0  # stretches of empty L1 entries answered as one run
 
     def l2_offset(self, l1_index: int) -> int:
         if l1_index >= len(self.l1):
@@ -382,37 +386,75 @@ class ClusterMap:
         runs: list[Run] = []
         pos = offset
         while pos < end:
+            pos = self._skip_unmapped(runs, pos, end)
+            if pos >= end:
+                break
             l1i = pos >> g.l2_span_bits
-            if not self._l1_mapped(l1i):
-                span_end = min(end, self._next_mapped_l1(l1i, end) << g.l2_span_bits)
-                append_run(runs, Run(RunKind.UNALLOCATED, pos, span_end - pos))
-                pos = span_end
-                continue
             span_end = min(end, (l1i + 1) << g.l2_span_bits)
-            for run in await self._map_in_table(l1i, pos, span_end):
+            l2_off = self.l2_offset(l1i)
+            table = await self.l2_cache.get(l2_off)
+            for run in self._runs_in_table(l1i, l2_off, table, pos, span_end):
                 append_run(runs, run)
             pos = span_end
         return runs
+
+    def peek_runs(self, offset: int, length: int) -> list[Run] | None:
+        """map_runs from cached tables only: None when a table would have to be loaded.
+
+        Synchronous, so it is atomic with respect to other tasks and needs no lock.
+        """
+        g = self.g
+        end = min(offset + length, self.size)
+        runs: list[Run] = []
+        pos = offset
+        while pos < end:
+            pos = self._skip_unmapped(runs, pos, end)
+            if pos >= end:
+                break
+            l1i = pos >> g.l2_span_bits
+            span_end = min(end, (l1i + 1) << g.l2_span_bits)
+            l2_off = self.l2_offset(l1i)
+            table = self.l2_cache.peek(l2_off)
+            if table is None:
+                return None
+            for run in self._runs_in_table(l1i, l2_off, table, pos, span_end):
+                append_run(runs, run)
+            pos = span_end
+        return runs
+
+    def _skip_unmapped(self, runs: list[Run], pos: int, end: int) -> int:
+        """Append one UNALLOCATED run for the empty L1 stretch at ``pos``; the new pos."""
+        span_bits = self.g.l2_span_bits
+        l1i = pos >> span_bits
+        if self._l1_mapped(l1i):
+            return pos
+        span_end = min(end, self._next_mapped_l1(l1i, end) << span_bits)
+        append_run(runs, Run(RunKind.UNALLOCATED, pos, span_end - pos))
+        self.l1_gaps_skipped += 1
+        return span_end
 
     def _l1_mapped(self, l1i: int) -> bool:
         return l1i < len(self.l1) and bool(int(self.l1[l1i]) & L1E_OFFSET_MASK)
 
     def _next_mapped_l1(self, l1i: int, end: int) -> int:
         """First L1 index >= l1i with a table (or the index past ``end``)."""
-        g = self.g
-        last = min(len(self.l1), ((end - 1) >> g.l2_span_bits) + 1)
-        seg = self.l1[l1i:last] & NP_L1E_OFFSET_MASK
-        nz = np.flatnonzero(seg)
-        return l1i + int(nz[0]) if len(nz) else max(last, l1i + 1)
+        last = min(len(self.l1), ((end - 1) >> self.g.l2_span_bits) + 1)
+        if last <= l1i + 1:  # the common case of a range inside one L2 span: no numpy
+            return l1i + 1
+        nz = (self.l1[l1i:last] & NP_L1E_OFFSET_MASK).nonzero()[0]
+        return l1i + int(nz[0]) if len(nz) else last
 
-    async def _map_in_table(self, l1i: int, start: int, end: int) -> list[Run]:
+    def _runs_in_table(
+        self, l1i: int, l2_off: int, table: np.ndarray, start: int, end: int
+    ) -> list[Run]:
+        """Runs of [start, end), which lies inside the span of L2 table ``l1i``."""
         g = self.g
-        l2_off = self.l2_offset(l1i)
-        table = await self.l2_cache.get(l2_off)
         base = l1i << g.l2_span_bits
         first_unit = (start - base) >> g.unit_bits
         last_unit = (end - 1 - base) >> g.unit_bits
         count = last_unit - first_unit + 1
+        self.tables_mapped += 1
+        self.units_classified += count
         kinds, hosts, entries = classify(g, table, first_unit, count)
         check_units(g, kinds, hosts, l2_off, self.host_limit)
         runs = units_to_runs(
@@ -544,3 +586,40 @@ class ClusterMap:
         if entry & L2E_OFFSET_MASK or (g.external_data and entry & QCOW_OFLAG_COPIED):
             return False
         return no_backing
+
+    def peek_unallocated(self, offset: int, length: int) -> bool:
+        """True when cached metadata shows [offset, +length) wholly unallocated in this
+        layer (so it reads from the backing file): either no L2 table covers it, or it
+        lies in one cluster whose cached entry has no data, zero flag or compression."""
+        g = self.g
+        cb = g.cluster_bits
+        l1i = offset >> g.l2_span_bits
+        if (offset + length - 1) >> g.l2_span_bits != l1i:
+            return False
+        if l1i >= len(self.l1):
+            return False
+        l2_off = int(self.l1[l1i]) & L1E_OFFSET_MASK
+        if not l2_off:
+            return True
+        in_cluster = offset & ((1 << cb) - 1)
+        if in_cluster + length > (1 << cb):
+            return False
+        table = self.l2_cache.peek(l2_off)
+        if table is None:
+            return False
+        idx = (offset >> cb) & ((1 << g.l2_bits) - 1)
+        if g.extended_l2:
+            entry = int(table[2 * idx])
+            if entry & QCOW_OFLAG_COMPRESSED:
+                return False
+            bitmap = int(table[2 * idx + 1])
+            first = in_cluster >> g.unit_bits
+            last = (in_cluster + length - 1) >> g.unit_bits
+            want = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
+            return not (bitmap & want or (bitmap >> 32) & want)
+        entry = int(table[idx])
+        if entry & (QCOW_OFLAG_COMPRESSED | L2E_OFFSET_MASK):
+            return False
+        if g.has_zero_flag and entry & QCOW_OFLAG_ZERO:
+            return False
+        return not (g.external_data and entry & QCOW_OFLAG_COPIED)

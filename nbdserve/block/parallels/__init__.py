@@ -2,10 +2,12 @@
 
 Design notes
 ------------
-* **Mapping.** The whole BAT is held in memory (bounded by
-  ``structs.MAX_BAT_ENTRIES``) as a ``<u4`` numpy view into the header+BAT
-  buffer (``bat.py``).  Reads, writes and block status walk it in runs, so
-  host-contiguous clusters are one I/O.
+* **Mapping.** The BAT is held in memory as a sparse paged ``<u4`` table
+  (``bat.py``, bounded by ``structs.MAX_BAT_ENTRIES``): pages of unallocated
+  entries are not stored, so memory and open time follow the allocated
+  clusters, not the virtual size.  Reads, writes and block status walk it in
+  runs, so host-contiguous clusters are one I/O and unallocated stretches,
+  however long, are one step.
 * **Allocation** appends at ``_data_end``: a write over absent clusters
   reserves the whole run of absent clusters it covers at once, grows the file
   once for the run (plus ``prealloc_size`` ahead, as QEMU's ``prealloc-mode``
@@ -54,7 +56,6 @@ from nbdserve.block.base import (
     Limits,
     Status,
     Support,
-    fill_zeros,
 )
 from nbdserve.block.parallels.bat import BatProblems, BatTable
 from nbdserve.block.parallels.structs import (
@@ -230,6 +231,7 @@ class ParallelsDriver(FormatDriver):
         }
 
     def statistics(self) -> DriverStatistics:
+        self._stats.extra.update(self._bat.statistics())
         return self._stats
 
     # ---- reads ------------------------------------------------------------------
@@ -251,9 +253,7 @@ class ParallelsDriver(FormatDriver):
                     return False
                 if not self._file.try_pread_into(host + pos - index * cs, view):
                     return False
-            elif self.backing is None:
-                fill_zeros(view)
-            else:
+            elif not self._try_read_backing(pos, view):
                 return False
             pos += n
         self._stats.reads += 1
@@ -543,8 +543,7 @@ class ParallelsDriver(FormatDriver):
                 continue
             host, clusters = self._bat.run_at(index, end - index)
             if host:
-                for i in range(index, index + clusters):
-                    self._bat.clear(i)
+                self._bat.clear_run(index, clusters)
                 self._stats.extra["discarded"] += clusters
                 try:
                     await self._file.punch_hole(host, clusters * self.cluster_size)
@@ -559,6 +558,15 @@ class ParallelsDriver(FormatDriver):
         """Allocated clusters are DATA in this layer; the rest defer to the backing."""
         self._check_open()
         await trio.lowlevel.checkpoint()
+        return self._status(offset, length)
+
+    def try_block_status(self, offset: int, length: int) -> Sequence[Extent] | None:
+        """The BAT is always in memory: block status never blocks."""
+        if self._closed:
+            return None
+        return self._status(offset, length)
+
+    def _status(self, offset: int, length: int) -> list[Extent]:
         cs = self.cluster_size
         first = offset // cs
         runs = self._bat.allocation_runs(first, (offset + length - 1) // cs - first + 1)
@@ -584,22 +592,21 @@ class ParallelsDriver(FormatDriver):
             await file.sync()
             return
         await file.sync()
-        ranges = self._bat.take_dirty()
+        chunks = self._bat.take_dirty()
         try:
             with trio.CancelScope(shield=True):
-                view = memoryview(self._bat.meta)
-                for off, length in ranges:
-                    await file.pwrite(off, view[off : off + length])
+                for off, data in chunks:
+                    await file.pwrite(off, data)
                 await file.sync()
         except BaseException:
-            self._bat.restore_dirty(ranges)
+            self._bat.restore_dirty(chunks)
             raise
-        self._stats.extra["bat_writes"] += len(ranges)
+        self._stats.extra["bat_writes"] += len(chunks)
 
     async def mark_in_use(self) -> None:
         """Set the in-use flag on disk before the first write (QEMU parallels_open)."""
         self._set_inuse(INUSE_MAGIC)
-        await self._file.pwrite(0, memoryview(self._bat.meta)[:HEADER_SIZE])
+        await self._file.pwrite(0, self.header.to_bytes())
         await self._file.sync()
 
     async def trim_tail(self) -> None:
@@ -617,7 +624,6 @@ class ParallelsDriver(FormatDriver):
 
     def _set_inuse(self, value: int) -> None:
         self.header = self.header.replace(inuse=value)
-        self._bat.meta[:HEADER_SIZE] = self.header.to_bytes()
 
     async def aclose(self) -> None:
         """Flush, trim the file to the real data end, clear the in-use flag; idempotent."""
@@ -639,7 +645,7 @@ class ParallelsDriver(FormatDriver):
         if not file.is_block_device and file.size != real_end:
             await file.truncate(real_end)
         self._set_inuse(INUSE_CLOSED)
-        await file.pwrite(0, memoryview(self._bat.meta)[:HEADER_SIZE])
+        await file.pwrite(0, self.header.to_bytes())
         await file.sync()
 
     @property
@@ -700,8 +706,7 @@ async def read_metadata(file: FileBackend) -> tuple[ParallelsHeader, Geometry, B
         raise InvalidImageError(f"not a parallels image: file is only {file.size} bytes")
     header = ParallelsHeader.from_bytes(raw)
     geometry = geometry_of(header, file.size)
-    meta = await file.pread(0, geometry.bat_end)
-    return header, geometry, BatTable(meta, geometry)
+    return header, geometry, await BatTable.load(file, geometry)
 
 
 def _refuse_unsafe_writes(

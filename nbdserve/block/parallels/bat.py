@@ -2,41 +2,44 @@
 
 Design notes
 ------------
-* The header and the BAT live in one owned ``bytearray`` (``meta``), exactly
-  as they sit at the start of the file, and the BAT array is a ``<u4`` numpy
-  view into it.  A dirty BAT page is then written back as a plain slice of
-  ``meta``, header bytes included when the page is the first one (QEMU keeps
-  the same single buffer).
-* Dirtiness is tracked per BAT page of :data:`BAT_PAGE_SIZE` bytes in a numpy
-  bool array (QEMU's ``bat_dirty_bmap``); :meth:`BatTable.take_dirty` turns it
-  into merged byte ranges and clears it.
+* The BAT is a :class:`~nbdserve.block.pagedtable.PagedTable` of ``<u4``
+  entries: pages of zeros (unallocated clusters) are not held, so memory
+  follows the allocated clusters, not the virtual size (a 16 TiB image with
+  1 MiB clusters has a 64 MiB BAT).  Opening reads only the parts of the BAT
+  region that hold data on the host (SEEK_DATA), so a fresh BAT made by
+  ``qemu-img create`` costs nothing to load.
+* The header is not part of this table; the driver writes it on its own.
+  Dirty BAT pages are written back as merged runs of whole pages (QEMU's
+  ``bat_dirty_bmap``), at ``HEADER_SIZE + byte offset in the table``.
 * Lookups work on runs: :meth:`BatTable.run_at` says how many clusters from a
   given one are either all unallocated, or allocated and contiguous on the
-  host, so one request becomes as few host I/Os as possible.  Scans look at a
-  bounded window so a request never costs more than it touches.
-* Nothing here does I/O or awaits: the driver calls these between awaits, so
-  in trio each call is atomic with respect to other requests.
+  host, so one request becomes as few host I/Os as possible.  Unallocated
+  stretches are found page by page (absent pages cost nothing); allocated
+  ones are scanned at most a window at a time, so a request never costs more
+  than it touches.
+* Nothing here does I/O (but :meth:`BatTable.load`) or awaits: the driver
+  calls these between awaits, so in trio each call is atomic with respect to
+  other requests.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import numpy as np
 import numpy.typing as npt
 
-from nbdserve.block.parallels.structs import (
-    BAT_DTYPE,
-    HEADER_SIZE,
-    Geometry,
-    bat_entry_offset,
-)
+from nbdserve.block.pagedtable import PagedTable
+from nbdserve.block.parallels.structs import BAT_DTYPE, HEADER_SIZE, Geometry
 
-# QEMU writes the BAT back in blocks of 4 host pages.
-BAT_PAGE_SIZE: Final = 16 * 1024
-# Longest stretch of the BAT one lookup examines (clusters).
+if TYPE_CHECKING:
+    from nbdserve.block.file import FileBackend
+
+# Longest stretch of allocated BAT entries one lookup examines (clusters).
 SCAN_WINDOW: Final = 1 << 16
+# block status answers at most this many runs per call (a shorter answer is legal)
+MAX_STATUS_RUNS: Final = 4096
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,80 +75,98 @@ class BatProblems:
 
 
 class BatTable:
-    """The in-memory header + BAT, with run lookups and dirty-page tracking."""
+    """The BAT held sparsely, with run lookups and dirty-page tracking."""
 
-    def __init__(self, meta: bytearray, geometry: Geometry) -> None:
-        if len(meta) != geometry.bat_end:
-            raise ValueError("meta must hold exactly the header and the BAT")
-        self.meta = meta
+    def __init__(self, geometry: Geometry, table: PagedTable) -> None:
+        if table.count != geometry.bat_entries:
+            raise ValueError("table must hold exactly the BAT's entries")
         self.geometry = geometry
         self.cluster_size = geometry.cluster_size
         self.unit = geometry.bat_unit
         self.count = geometry.bat_entries
-        self.entries: npt.NDArray[np.uint32] = np.frombuffer(
-            meta, dtype=BAT_DTYPE, count=self.count, offset=HEADER_SIZE
-        )
-        pages = -(-len(meta) // BAT_PAGE_SIZE)
-        self._dirty = np.zeros(pages, dtype=np.bool_)
+        self.table = table
+        self._step = self.cluster_size // self.unit
+
+    @classmethod
+    async def load(cls, file: FileBackend, geometry: Geometry) -> BatTable:
+        """Read the BAT region (holes skipped), keeping the pages that map clusters."""
+        table = await PagedTable.load(file, HEADER_SIZE, geometry.bat_entries, BAT_DTYPE, 0)
+        return cls(geometry, table)
+
+    @classmethod
+    def from_entries(cls, geometry: Geometry, entries: npt.ArrayLike) -> BatTable:
+        """A BAT from a list of entries (tests)."""
+        raw = np.asarray(entries, dtype=BAT_DTYPE).tobytes()
+        return cls(geometry, PagedTable.from_bytes(raw, geometry.bat_entries, BAT_DTYPE, 0))
 
     # ---- lookups ------------------------------------------------------------
 
     def host_offset(self, index: int) -> int:
         """Host offset of guest cluster ``index``; 0 when unallocated."""
-        return int(self.entries[index]) * self.unit
+        return self.table.get(index) * self.unit
 
     def run_at(self, first: int, count: int) -> tuple[int, int]:
         """(host offset or 0, clusters) of the run starting at cluster ``first``.
 
-        The run is at most ``count`` clusters (and at most one scan window):
-        either all unallocated (host 0), or allocated with each cluster right
-        after the previous one on the host.
+        The run is at most ``count`` clusters: either all unallocated (host 0;
+        any length, found page by page), or allocated with each cluster right
+        after the previous one on the host (at most one scan window).
         """
-        count = min(count, SCAN_WINDOW, self.count - first)
-        seg = self.entries[first : first + count]
-        head = int(seg[0])
-        if head == 0:
-            nonzero = np.flatnonzero(seg)
-            return 0, int(nonzero[0]) if nonzero.size else count
-        step = self.cluster_size // self.unit
-        expected = head + step * np.arange(count, dtype=np.int64)
-        breaks = np.flatnonzero(seg.astype(np.int64) != expected)
-        return head * self.unit, int(breaks[0]) if breaks.size else count
+        table = self.table
+        if count == 1:  # the common small request: one lookup, no vector work
+            return table.get(first) * self.unit, 1
+        stop = min(first + count, self.count)
+        n = table.run_length(first, stop, self._step)
+        return table.get(first) * self.unit, n
 
     def allocation_runs(self, first: int, count: int) -> list[tuple[int, int, bool]]:
         """(first cluster, clusters, allocated) runs covering up to ``count`` clusters.
 
-        Host contiguity is ignored: this is the block-status view.
+        Host contiguity is ignored: this is the block-status view.  Runs
+        alternate; at most :data:`MAX_STATUS_RUNS` are returned, so the answer
+        may cover less than asked.
         """
-        count = min(count, SCAN_WINDOW, self.count - first)
-        allocated = self.entries[first : first + count] != 0
-        bounds = np.flatnonzero(np.diff(allocated)) + 1
-        starts = np.concatenate(([0], bounds))
-        ends = np.concatenate((bounds, [count]))
-        return [
-            (first + int(s), int(e - s), bool(allocated[s]))
-            for s, e in zip(starts, ends, strict=True)
-        ]
+        table = self.table
+        stop = min(first + count, self.count)
+        out: list[tuple[int, int, bool]] = []
+        pos = first
+        while pos < stop and len(out) < MAX_STATUS_RUNS:
+            mapped = table.next_non_fill(pos, stop)
+            if mapped > pos:
+                _append_run(out, pos, mapped - pos, False)
+                pos = mapped
+                continue
+            n = min(stop - pos, SCAN_WINDOW)
+            allocated = table.window(pos, n) != 0
+            bounds = (np.diff(allocated.view(np.int8)) != 0).nonzero()[0] + 1
+            starts = [0, *bounds.tolist()]
+            ends = [*bounds.tolist(), n]
+            for s, e in zip(starts, ends, strict=True):
+                _append_run(out, pos + s, e - s, bool(allocated[s]))
+            pos += n
+        return out
+
+    def allocated(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:
+        """(guest cluster indices, host offsets) of every allocated cluster, ascending."""
+        index, values = self.table.items()
+        return index, values.astype(np.int64) * self.unit
 
     def allocated_count(self) -> int:
-        return int(np.count_nonzero(self.entries))
+        return len(self.table.items()[0])
 
     def data_end(self) -> int:
         """End of the highest allocated host cluster, at least the data start."""
-        if not self.count:
+        _, host = self.allocated()
+        if not len(host):
             return self.geometry.data_start
-        top = int(self.entries.max())
-        if top == 0:
-            return self.geometry.data_start
-        return max(self.geometry.data_start, top * self.unit + self.cluster_size)
+        return max(self.geometry.data_start, int(host.max()) + self.cluster_size)
 
     def problems(self, file_size: int) -> BatProblems:
         """Entries that point outside the file, into the metadata, or to a shared cluster.
 
-        Works on the allocated entries only, so an empty BAT costs one scan.
+        Works on the allocated entries only, so an empty BAT costs nothing.
         """
-        index = np.flatnonzero(self.entries)
-        host = self.entries[index].astype(np.int64) * self.unit
+        index, host = self.allocated()
         outside = index[host + self.cluster_size > file_size]
         inside_meta = index[host < self.geometry.data_start]
         return BatProblems(outside, inside_meta, duplicate_indices(index, host))
@@ -156,47 +177,52 @@ class BatTable:
         """Map clusters ``first..first+count`` to consecutive host clusters."""
         assert host_offset > 0
         assert host_offset % self.unit == 0
-        step = self.cluster_size // self.unit
         start = host_offset // self.unit
-        values = start + step * np.arange(count, dtype=np.int64)
+        values = start + self._step * np.arange(count, dtype=np.int64)
         if int(values[-1]) > 0xFFFFFFFF:
             raise OverflowError("host offset not representable in the BAT")
-        self.entries[first : first + count] = values
-        self._mark(first, count)
+        self.table.set_range(first, values.astype(BAT_DTYPE))
+
+    def set_entry(self, index: int, value: int) -> None:
+        """Set one raw entry (in BAT units; the checker's repairs)."""
+        self.table.set(index, value)
 
     def clear(self, index: int) -> None:
-        self.entries[index] = 0
-        self._mark(index, 1)
+        self.table.set(index, 0)
 
-    def _mark(self, first: int, count: int) -> None:
-        lo = bat_entry_offset(first) // BAT_PAGE_SIZE
-        hi = (bat_entry_offset(first + count) - 1) // BAT_PAGE_SIZE
-        self._dirty[lo : hi + 1] = True
+    def clear_run(self, first: int, count: int) -> None:
+        self.table.fill_range(first, first + count, 0)
 
-    def mark_header_dirty(self) -> None:
-        self._dirty[0] = True
+    def clear_many(self, indices: npt.NDArray[np.intp]) -> None:
+        self.table.set_many(indices, 0)
 
     def has_dirty(self) -> bool:
-        return bool(self._dirty.any())
+        return self.table.has_dirty()
 
-    def take_dirty(self) -> list[tuple[int, int]]:
-        """Merged (offset, length) byte ranges of dirty pages; clears the marks."""
-        pages = np.flatnonzero(self._dirty)
-        if not pages.size:
-            return []
-        self._dirty[:] = False
-        bounds = np.flatnonzero(np.diff(pages) != 1) + 1
-        out = []
-        for run in np.split(pages, bounds):
-            lo = int(run[0]) * BAT_PAGE_SIZE
-            hi = min((int(run[-1]) + 1) * BAT_PAGE_SIZE, len(self.meta))
-            out.append((lo, hi - lo))
-        return out
+    def take_dirty(self) -> list[tuple[int, bytes]]:
+        """(host offset, bytes) of dirty BAT pages, snapshotted; clears the marks."""
+        return [(HEADER_SIZE + off, data) for off, data in self.table.take_dirty()]
 
-    def restore_dirty(self, ranges: list[tuple[int, int]]) -> None:
-        """Mark ranges dirty again after a failed write-back."""
-        for off, length in ranges:
-            self._dirty[off // BAT_PAGE_SIZE : -(-(off + length) // BAT_PAGE_SIZE)] = True
+    def restore_dirty(self, chunks: list[tuple[int, bytes]]) -> None:
+        """Mark chunks from :meth:`take_dirty` dirty again after a failed write-back."""
+        self.table.restore_dirty([(off - HEADER_SIZE, data) for off, data in chunks])
+
+    def statistics(self) -> dict[str, int]:
+        t = self.table
+        return {
+            "bat_entries": self.count,
+            "bat_pages_present": t.pages_present,
+            "bat_bytes_resident": t.memory_bytes,
+            "bat_bytes_loaded": t.bytes_read,
+            "bat_entries_scanned": t.entries_scanned,
+        }
+
+
+def _append_run(out: list[tuple[int, int, bool]], start: int, n: int, allocated: bool) -> None:
+    if out and out[-1][2] == allocated and out[-1][0] + out[-1][1] == start:
+        out[-1] = (out[-1][0], out[-1][1] + n, allocated)
+    else:
+        out.append((start, n, allocated))
 
 
 def duplicate_indices(
@@ -211,4 +237,4 @@ def duplicate_indices(
     return np.sort(index[order[repeat]])
 
 
-__all__ = ["BAT_PAGE_SIZE", "SCAN_WINDOW", "BatProblems", "BatTable", "duplicate_indices"]
+__all__ = ["MAX_STATUS_RUNS", "SCAN_WINDOW", "BatProblems", "BatTable", "duplicate_indices"]

@@ -26,7 +26,7 @@ from nbdserve.block.check import CheckReport
 from nbdserve.block.file import FileBackend
 from nbdserve.block.parallels import read_metadata
 from nbdserve.block.parallels.bat import BatTable, duplicate_indices
-from nbdserve.block.parallels.structs import HEADER_SIZE, INUSE_CLOSED, SECTOR_SIZE
+from nbdserve.block.parallels.structs import INUSE_CLOSED, SECTOR_SIZE
 
 # more messages than this per kind are summarised
 MAX_MESSAGES: Final = 50
@@ -98,8 +98,9 @@ async def _check_once(file: FileBackend, fix_errors: bool, fix_leaks: bool) -> C
     end, moved = await _check_duplicates(p, file, bat, index[valid], host[valid], end)
     dirty |= moved
     if dirty:
-        bat.meta[:HEADER_SIZE] = header.to_bytes()
-        await file.pwrite(0, memoryview(bat.meta))
+        await file.pwrite(0, header.to_bytes())
+        for offset, data in bat.take_dirty():
+            await file.pwrite(offset, data)
         await file.sync()
     _collect_statistics(report, bat, end)
     report.image_end_offset = end
@@ -107,8 +108,7 @@ async def _check_once(file: FileBackend, fix_errors: bool, fix_leaks: bool) -> C
 
 
 def _allocated(bat: BatTable) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.int64]]:
-    index = np.flatnonzero(bat.entries)
-    return index, bat.entries[index].astype(np.int64) * bat.unit
+    return bat.allocated()
 
 
 def _check_entries(p: _Pass, bat: BatTable, file_size: int, data_start: int) -> bool:
@@ -129,7 +129,7 @@ def _check_entries(p: _Pass, bat: BatTable, file_size: int, data_start: int) -> 
         p.report.messages.append(f"... and {bad.size - MAX_MESSAGES} more such clusters")
     if not (bad.size and p.fix_errors):
         return False
-    bat.entries[bad] = 0
+    bat.clear_many(bad)
     p.report.corruptions_fixed += int(bad.size)
     return True
 
@@ -151,7 +151,7 @@ async def _check_duplicates(
         new_host = -(-end // bat.unit) * bat.unit
         data = await file.pread(bat.host_offset(i), cs)
         await file.pwrite(new_host, data)
-        bat.entries[i] = new_host // bat.unit
+        bat.set_entry(i, new_host // bat.unit)
         end = new_host + cs
         p.report.corruptions_fixed += 1
         moved = True

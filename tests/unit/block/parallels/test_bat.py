@@ -6,7 +6,8 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nbdserve.block.parallels.bat import BAT_PAGE_SIZE, BatTable, duplicate_indices
+from nbdserve.block.pagedtable import PAGE_BYTES
+from nbdserve.block.parallels.bat import BatTable, duplicate_indices
 from nbdserve.block.parallels.structs import HEADER_SIZE, Geometry
 
 CS = 4096
@@ -22,8 +23,7 @@ def table(entries: list[int], unit: int = CS) -> BatTable:
         data_off_ok=True,
         ext_offset=0,
     )
-    meta = bytearray(HEADER_SIZE) + bytearray(np.array(entries, dtype="<u4").tobytes())
-    return BatTable(meta, g)
+    return BatTable.from_entries(g, entries)
 
 
 def naive_run(entries: list[int], first: int, count: int, unit: int) -> tuple[int, int]:
@@ -64,20 +64,36 @@ def test_allocation_runs_cover_and_alternate(entries: list[int]) -> None:
 
 
 def test_set_run_marks_pages_and_take_dirty_merges() -> None:
-    n = 3 * BAT_PAGE_SIZE // 4
+    per_page = PAGE_BYTES // 4
+    n = 3 * per_page + per_page // 2  # the last page is partial
     t = table([0] * n)
     assert not t.has_dirty()
+    assert t.table.pages_present == 0  # an empty BAT holds no pages
     t.set_run(10, 3, 100 * CS)
     assert [t.host_offset(i) for i in (10, 11, 12)] == [100 * CS, 101 * CS, 102 * CS]
-    last = n - 1
-    t.set_run(last, 1, 7 * CS)
-    ranges = t.take_dirty()
-    assert ranges == [(0, BAT_PAGE_SIZE), (3 * BAT_PAGE_SIZE, len(t.meta) - 3 * BAT_PAGE_SIZE)]
+    t.set_run(n - 1, 1, 7 * CS)
+    chunks = t.take_dirty()
+    # host offsets follow the header; the partial last page stops at the BAT's end
+    assert [(off, len(data)) for off, data in chunks] == [
+        (HEADER_SIZE, PAGE_BYTES),
+        (HEADER_SIZE + 3 * PAGE_BYTES, 4 * n - 3 * PAGE_BYTES),
+    ]
     assert not t.has_dirty()
-    t.restore_dirty(ranges)
-    assert t.take_dirty() == ranges
-    # the BAT bytes in meta are what the array says
-    assert int.from_bytes(t.meta[HEADER_SIZE + 40 : HEADER_SIZE + 44], "little") == 100
+    t.restore_dirty(chunks)
+    assert t.take_dirty() == chunks
+    # the bytes written back are what the entries say
+    assert int.from_bytes(chunks[0][1][40:44], "little") == 100
+    assert int.from_bytes(chunks[1][1][-4:], "little") == 7
+
+
+def test_unallocated_runs_are_not_capped_by_the_scan_window() -> None:
+    n = 1 << 20  # 4 MiB of BAT
+    t = table([0] * n)
+    t.set_run(n - 5, 1, 9 * CS)
+    assert t.run_at(0, n) == (0, n - 5)
+    assert t.allocation_runs(0, n) == [(0, n - 5, False), (n - 5, 1, True), (n - 4, 4, False)]
+    # only the one stored page was looked at entry by entry
+    assert t.table.entries_scanned < 4 * PAGE_BYTES
 
 
 def test_duplicates_keep_the_first_occurrence() -> None:

@@ -46,6 +46,7 @@ Sementsov-Ogievskiy's 2021 series; not merged upstream).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import TYPE_CHECKING
 
@@ -145,17 +146,17 @@ class CompressedWriteCache:
     # ---- writing out --------------------------------------------------------------
 
     async def write_closed(self) -> None:
-        """Write every closed cluster that is waiting (the writer that closed it does this)."""
-        for c in [c for c in self._clusters.values() if c.closed and c.active()]:
-            if not c.lock.locked():
-                await self._write_cluster(c)
+        """Write every closed cluster that is waiting (the writer that closed it does
+        this); clusters that follow each other in the file go out as one write."""
+        ready = [c for c in self._clusters.values() if c.closed and c.active()]
+        await self._write_clusters([c for c in ready if not c.lock.locked()])
 
     async def make_room(self, new_active: int) -> None:
         """Return once ``new_active`` more clusters may become active."""
         while not self.has_room(new_active):
             victim = self._pick_victim()
             if victim is not None:
-                await self._write_cluster(victim)
+                await self._write_clusters([victim])
                 continue
             self.room_waits += 1
             await self._room.park()
@@ -170,31 +171,64 @@ class CompressedWriteCache:
 
     async def flush(self) -> None:
         """Write every byte cached so far (waits for writes already in flight)."""
-        for c in list(self._clusters.values()):
-            if c.active() or c.lock.locked():
-                await self._write_cluster(c)
+        await self._write_clusters(
+            [c for c in self._clusters.values() if c.active() or c.lock.locked()]
+        )
 
-    async def _write_cluster(self, c: _CachedCluster) -> None:
-        async with c.lock:
-            if c.dropped or not c.active():
-                return
-            lo = max(c.base, c.flushed - c.flushed % self.alignment)
-            end = c.filled
-            hi = min(self.cluster_size, -(-end // self.alignment) * self.alignment)
-            data = bytes(c.buf[lo:hi])
+    async def _write_clusters(self, clusters: list[_CachedCluster]) -> None:
+        """Write the pending bytes of ``clusters``; locks are taken in offset order (the
+        only multi-lock acquisition), so writers of overlapping sets cannot deadlock."""
+        if not clusters:
+            await trio.lowlevel.checkpoint()
+            return
+        group = sorted(clusters, key=lambda c: c.offset)
+        async with contextlib.AsyncExitStack() as stack:
+            for c in group:
+                await stack.enter_async_context(c.lock)
             try:
-                await self._file.pwrite(c.offset + lo, data)
+                for run in self._runs([c for c in group if c.active() and not c.dropped]):
+                    await self._write_run(run)
             finally:
                 self._room.unpark_all()
+        for c in group:
+            if c.closed and not c.active() and self._clusters.get(c.offset) is c:
+                del self._clusters[c.offset]
+
+    def _span(self, c: _CachedCluster) -> tuple[int, int]:
+        """The byte range of a cluster a write covers: from the aligned block holding its
+        first unwritten byte; to the cluster end when closed (its unused tail is
+        zeros), else to the aligned end of its data."""
+        a = self.alignment
+        lo = max(c.base, c.flushed - c.flushed % a)
+        hi = self.cluster_size if c.closed else min(self.cluster_size, -(-c.filled // a) * a)
+        return lo, hi
+
+    def _runs(self, clusters: list[_CachedCluster]) -> list[list[_CachedCluster]]:
+        """Group clusters (sorted) whose spans are contiguous in the file."""
+        runs: list[list[_CachedCluster]] = []
+        end = -1
+        for c in clusters:
+            lo, hi = self._span(c)
+            if runs and c.offset + lo == end:
+                runs[-1].append(c)
+            else:
+                runs.append([c])
+            end = c.offset + hi
+        return runs
+
+    async def _write_run(self, run: list[_CachedCluster]) -> None:
+        spans = [self._span(c) for c in run]
+        ends = [c.filled for c in run]
+        data = b"".join(bytes(c.buf[lo:hi]) for c, (lo, hi) in zip(run, spans, strict=True))
+        await self._file.pwrite(run[0].offset + spans[0][0], data)
+        for c, end in zip(run, ends, strict=True):
             c.flushed = max(c.flushed, end)
-            self.writes += 1
-            self.bytes_written += len(data)
             if c.closed:
                 self.full_writes += 1
             else:
                 self.partial_writes += 1
-        if c.closed and not c.active() and self._clusters.get(c.offset) is c:
-            del self._clusters[c.offset]
+        self.writes += 1
+        self.bytes_written += len(data)
 
     # ---- freeing -------------------------------------------------------------------
 

@@ -79,6 +79,22 @@ async def test_an_extent_over_a_cluster_boundary_is_split_between_clusters() -> 
     assert bytes(file.data[3 * CS - 1000 : 3 * CS + 2000]) == cross
 
 
+async def test_clusters_that_follow_each_other_are_written_as_one() -> None:
+    file = FakeFile()
+    cache = _cache(file, clusters=8)
+    extents = [_bytes(i, 6000) for i in range(8)]  # 48000 bytes over clusters 1..3
+    for i, e in enumerate(extents):
+        cache.append(CS + 6000 * i, e)
+    cache.close(CS)
+    cache.close(2 * CS)
+    await cache.write_closed()
+    assert file.writes == [(CS, 2 * CS)]
+    await cache.flush()
+    assert file.writes[-1] == (3 * CS, 16384)  # 15232 bytes in cluster 3, padded to 4K
+    assert bytes(file.data[CS : CS + 48000]) == b"".join(extents)
+    assert cache.writes == 2
+
+
 async def test_reads_see_cached_bytes_before_they_reach_the_file() -> None:
     file = FakeFile()
     cache = _cache(file)
@@ -118,7 +134,7 @@ async def test_the_bound_is_kept_by_writing_closed_then_open_clusters() -> None:
     cache.append(CS, _bytes(2, 1000))
     assert not cache.has_room(1)
     await cache.make_room(1)
-    assert file.writes == [(0, 4096)]  # the closed cluster went first
+    assert file.writes == [(0, CS)]  # the closed cluster went first, whole
     assert cache.has_room(1)
     await cache.make_room(2)
     assert file.writes[-1] == (CS, 4096)  # then the open one, partially

@@ -6,7 +6,12 @@ Mapping.  A guest range splits into *segments* (:func:`FvdDriver._segments`):
 ``BASE`` (bitmap bit 0, below ``base_img_size``: read from the base),
 ``STORE`` (in the image: a host offset in the data store) and ``ZERO``
 (compact image, chunk without storage, bit 1 or past the base).  Reads,
-writes, block status and copy-on-read are loops over segments.
+writes, block status and copy-on-read are loops over segments.  The bitmap
+and the table are sparse paged tables (``block/pagedtable.py``): memory
+follows what is allocated, and segments come from runs (stretches of
+unallocated chunks or untouched blocks are one step, however long), so block
+status over a huge, mostly empty image costs what it finds, not its size.
+Only changed pages of the bitmap and table are written back.
 
 Locks.  ``_range_lock`` (:class:`RangeLock`) covers guest ranges whose
 bitmap bits or table entries may change: copy-on-write of partial blocks,
@@ -92,8 +97,8 @@ ZERO: Final = 2
 
 # commit on our own once this many records wait in memory
 _MAX_PENDING_RECORDS = 4096
-# block status answers at most this much guest space per call (soft cap)
-_STATUS_SPAN = 1 << 30
+# block status answers at most this many segments per call (a shorter answer is legal)
+_STATUS_MAX_SEGMENTS = 1024
 
 
 class Segment(NamedTuple):
@@ -101,6 +106,14 @@ class Segment(NamedTuple):
     guest_offset: int
     length: int
     host_offset: int  # STORE only
+
+    @property
+    def end(self) -> int:
+        return self.guest_offset + self.length
+
+
+# (byte offset in a metadata region, bytes): pages to write back
+Chunks = list[tuple[int, bytes]]
 
 
 def probe(header: bytes) -> bool:
@@ -120,17 +133,13 @@ async def read_header(file: FileBackend) -> FvdHeader:
 async def load_bitmap(file: FileBackend, header: FvdHeader) -> Bitmap | None:
     if not header.has_base:
         return None
-    count = header.base_block_count
-    raw = bytes(await file.pread(header.bitmap_offset, -(-count // 8)))
-    return Bitmap(count, raw)
+    return await Bitmap.load(file, header.bitmap_offset, header.base_block_count)
 
 
 async def load_table(file: FileBackend, header: FvdHeader) -> ChunkTable | None:
     if not header.compact:
         return None
-    count = header.chunk_count
-    raw = bytes(await file.pread(header.table_offset, count * 4))
-    return ChunkTable(count, raw)
+    return await ChunkTable.load(file, header.table_offset, header.chunk_count)
 
 
 def apply_records(
@@ -168,7 +177,7 @@ def apply_records(
                     f"FVD journal TABLE record covers entries [{record.first_index}, {last}), "
                     f"past the table ({table.chunk_count} entries)"
                 )
-            table.entries[record.first_index : last] = record.entries
+            table.set_entries(record.first_index, record.entries)
             applied += 1
     return applied
 
@@ -386,17 +395,30 @@ class FvdDriver(FormatDriver):
 
     # ---- metadata I/O ---------------------------------------------------------------
 
-    def _bitmap_bytes(self) -> bytes | None:
-        return None if self._bitmap is None else self._bitmap.snapshot()
+    def _bitmap_bytes(self) -> Chunks:
+        """Changed bitmap pages since they were last written, snapshotted now."""
+        return [] if self._bitmap is None else self._bitmap.table.take_dirty()
 
-    def _table_bytes(self) -> bytes | None:
-        return None if self._table is None else self._table.snapshot()
+    def _table_bytes(self) -> Chunks:
+        """Changed table pages since they were last written, snapshotted now."""
+        return [] if self._table is None else self._table.table.take_dirty()
 
-    async def _write_metadata_regions(self, bitmap: bytes | None, table: bytes | None) -> None:
-        if bitmap is not None:
-            await self._file.pwrite(self.header.bitmap_offset, bitmap)
-        if table is not None:
-            await self._file.pwrite(self.header.table_offset, table)
+    def _restore_dirty(self, bitmap: Chunks, table: Chunks) -> None:
+        """Snapshots that did not reach the disk are to be written again."""
+        if self._bitmap is not None:
+            self._bitmap.table.restore_dirty(bitmap)
+        if self._table is not None:
+            self._table.table.restore_dirty(table)
+
+    async def _write_metadata_regions(self, bitmap: Chunks, table: Chunks) -> None:
+        try:
+            for off, data in bitmap:
+                await self._file.pwrite(self.header.bitmap_offset + off, data)
+            for off, data in table:
+                await self._file.pwrite(self.header.table_offset + off, data)
+        except BaseException:
+            self._restore_dirty(bitmap, table)
+            raise
 
     async def _write_header(self, header: FvdHeader) -> None:
         await self._file.pwrite(0, header.to_bytes())
@@ -408,9 +430,17 @@ class FvdDriver(FormatDriver):
     # ---- mapping ----------------------------------------------------------------------
 
     def _segments(
-        self, offset: int, length: int, overlay: Mapping[int, int] | None = None
+        self,
+        offset: int,
+        length: int,
+        overlay: Mapping[int, int] | None = None,
+        max_segments: int = 0,
     ) -> list[Segment]:
-        """Split a guest range into BASE / STORE / ZERO segments, in order."""
+        """Split a guest range into BASE / STORE / ZERO segments, in order.
+
+        With ``max_segments`` the answer may stop early (it then covers a
+        prefix of the range); block status uses that to bound its work.
+        """
         end = offset + length
         out: list[Segment] = []
         pos = offset
@@ -418,31 +448,53 @@ class FvdDriver(FormatDriver):
         if bitmap is not None and pos < self._cow_limit:
             base_end = min(end, self._cow_limit)
             bs = self._block_size
-            for b0, b1, is_set in bitmap.runs(pos // bs, (base_end - 1) // bs + 1):
+            runs = bitmap.runs(pos // bs, (base_end - 1) // bs + 1, max_segments)
+            for b0, b1, is_set in runs:
                 lo, hi = max(pos, b0 * bs), min(base_end, b1 * bs)
                 if is_set:
-                    self._image_segments(lo, hi, overlay, out)
+                    self._image_segments(lo, hi, overlay, out, max_segments)
+                    if max_segments and len(out) >= max_segments and out[-1].end < hi:
+                        return out
                 else:
                     out.append(Segment(BASE, lo, hi - lo, -1))
+            covered = min(base_end, runs[-1][1] * bs) if runs else base_end
+            if covered < base_end:
+                return out
             pos = base_end
         if pos < end:
-            self._image_segments(pos, end, overlay, out)
+            self._image_segments(pos, end, overlay, out, max_segments)
         return out
 
     def _image_segments(
-        self, lo: int, hi: int, overlay: Mapping[int, int] | None, out: list[Segment]
+        self,
+        lo: int,
+        hi: int,
+        overlay: Mapping[int, int] | None,
+        out: list[Segment],
+        max_segments: int = 0,
     ) -> None:
-        if self._table is None:
+        """Segments of ``[lo, hi)``, which is in the image: one per run of chunks
+        that are unallocated, or allocated to consecutive physical chunks."""
+        table = self._table
+        if table is None:
             _append_segment(out, Segment(STORE, lo, hi - lo, self._store_base + lo))
             return
         cs = self._chunk_size
+        stop_index = (hi - 1) // cs + 1
         pos = lo
         while pos < hi:
+            if max_segments and len(out) >= max_segments:
+                return
             index = pos // cs
-            stop = min(hi, (index + 1) * cs)
             p = overlay.get(index) if overlay else None
-            if p is None:
-                p = self._table.lookup(index)
+            if p is not None:
+                chunks = 1
+            else:
+                p, chunks = table.run_at(index, stop_index)
+                if overlay:  # reserved chunks inside the run end it
+                    inside = [i for i in overlay if index < i < index + chunks]
+                    chunks = min(inside) - index if inside else chunks
+            stop = min(hi, (index + chunks) * cs)
             if p is None:
                 _append_segment(out, Segment(ZERO, pos, stop - pos, -1))
             else:
@@ -458,6 +510,15 @@ class FvdDriver(FormatDriver):
         bs = self._block_size
         return bitmap.all_set(offset // bs, (min(end, self._cow_limit) - 1) // bs + 1)
 
+    def _all_in_base(self, offset: int, end: int) -> bool:
+        """Every block of the range still reads from the base (bit 0)."""
+        bitmap = self._bitmap
+        if bitmap is None or end > self._cow_limit:
+            return False
+        bs = self._block_size
+        runs = bitmap.runs(offset // bs, (end - 1) // bs + 1, max_runs=2)
+        return len(runs) == 1 and not runs[0][2]
+
     def _all_allocated(self, offset: int, end: int) -> bool:
         table = self._table
         if table is None:
@@ -466,7 +527,7 @@ class FvdDriver(FormatDriver):
         first, last = offset // cs, (end - 1) // cs
         if first == last:
             return table.lookup(first) is not None
-        return bool((table.entries[first : last + 1] != 0xFFFFFFFF).all())
+        return table.all_allocated(first, last + 1)
 
     def _lock_range(self, offset: int, end: int) -> tuple[int, int]:
         unit = self._chunk_size if self._compact else self._block_size
@@ -494,7 +555,11 @@ class FvdDriver(FormatDriver):
             return False
         end = offset + len(buf)
         if not self._all_in_image(offset, end):
-            return False
+            # wholly in the base: the base may answer inline (not with copy-on-read,
+            # which must see the read)
+            if self._copy_on_read_enabled() or not self._all_in_base(offset, end):
+                return False
+            return self._try_read_backing(offset, buf)
         table = self._table
         if table is None:
             return self._store.try_pread_into(self._store_base + offset, buf)
@@ -894,10 +959,12 @@ class FvdDriver(FormatDriver):
                 except BaseException:
                     self._pending.restore(records)
                     self._metadata_dirty = self._metadata_dirty or dirty
+                    if snapshots is not None:
+                        self._restore_dirty(*snapshots)
                     raise
                 self._stats["commits"] += 1
 
-    async def _checkpoint(self, bitmap: bytes | None, table: bytes | None) -> None:
+    async def _checkpoint(self, bitmap: Chunks, table: Chunks) -> None:
         """Full journal (or none): write bitmap and table, move the epoch on."""
         await self._write_metadata_regions(bitmap, table)
         await self._file.sync()
@@ -1024,9 +1091,19 @@ class FvdDriver(FormatDriver):
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         self._check_open()
-        length = min(length, _STATUS_SPAN)
+        out = self._status(offset, length)
+        await trio.lowlevel.checkpoint()
+        return out
+
+    def try_block_status(self, offset: int, length: int) -> Sequence[Extent] | None:
+        """The bitmap and table are in memory: block status never waits for I/O."""
+        if self._closed:
+            return None
+        return self._status(offset, length)
+
+    def _status(self, offset: int, length: int) -> list[Extent]:
         out: list[Extent] = []
-        for seg in self._segments(offset, length):
+        for seg in self._segments(offset, length, max_segments=_STATUS_MAX_SEGMENTS):
             if seg.kind == BASE:
                 _append_extent(out, Extent(seg.guest_offset, seg.length, Status.NONE))
             elif seg.kind == ZERO:
@@ -1038,7 +1115,6 @@ class FvdDriver(FormatDriver):
                     status = Status.ALLOCATED | (Status.DATA if is_data else Status.ZERO)
                     guest = seg.guest_offset + (host - seg.host_offset)
                     _append_extent(out, Extent(guest, n, status))
-        await trio.lowlevel.checkpoint()
         return out
 
     # ---- background work: copy-on-read stores and prefetch ----------------------------
@@ -1124,7 +1200,7 @@ class FvdDriver(FormatDriver):
         await self._commit()
         with trio.CancelScope(shield=True):
             async with self._commit_lock:
-                await self._write_metadata_regions(self._bitmap_bytes(), None)
+                await self._write_metadata_regions(self._bitmap_bytes(), [])
                 await self._file.sync()
                 await self._write_header(self.header.replace(base_img_fully_prefetched=1))
                 await self._file.sync()

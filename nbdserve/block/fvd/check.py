@@ -121,18 +121,17 @@ def _check_bitmap(
 
 
 def _check_entries(table: ChunkTable, report: CheckReport, repair: str | None) -> bool:
-    entries = table.entries
-    allocated = entries != TABLE_UNALLOCATED
-    bad = np.flatnonzero(
-        allocated
-        & (((entries & np.uint32(TABLE_ENTRY_RESERVED_BIT)) != 0) | (entries >= table.chunk_count))
+    index, entries = table.allocated()
+    bad_at = np.flatnonzero(
+        ((entries & np.uint32(TABLE_ENTRY_RESERVED_BIT)) != 0) | (entries >= table.chunk_count)
     )
-    for index in bad[:_MAX_MESSAGES].tolist():
-        report.error(f"table entry {index} holds invalid physical chunk {int(entries[index]):#x}")
+    bad = index[bad_at]
+    for i, value in zip(bad[:_MAX_MESSAGES].tolist(), entries[bad_at].tolist(), strict=False):
+        report.error(f"table entry {i} holds invalid physical chunk {value:#x}")
     if bad.size > _MAX_MESSAGES:
         report.corruptions += int(bad.size) - _MAX_MESSAGES
     if bad.size and repair == "all":
-        entries[bad] = TABLE_UNALLOCATED
+        table.set_many(bad, TABLE_UNALLOCATED)
         report.corruptions_fixed += int(bad.size)
         return True
     return False
@@ -151,7 +150,8 @@ async def _check_duplicates(
     changed = False
     free = table.physical_end()
     for p in dupes:
-        users = np.flatnonzero(table.entries == p).tolist()
+        chunks, entries = table.allocated()
+        users = chunks[entries == p].tolist()
         report.error(f"physical chunk {p} is mapped by chunks {users}")
         if repair != "all" or store is None:
             continue
@@ -162,7 +162,7 @@ async def _check_duplicates(
             if free >= table.chunk_count:
                 break
             await store.pwrite(base + free * cs, data)
-            table.entries[index] = free
+            table.set(index, free)
             free += 1
         report.corruptions_fixed += 1
         changed = True

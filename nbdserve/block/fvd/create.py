@@ -207,11 +207,9 @@ async def create_fvd(
         await file.truncate(0)
         await file.pwrite(0, header.to_bytes())
         if header.has_base:
-            bitmap = Bitmap(header.base_block_count)
-            if zero_blocks is not None:
-                n = min(bitmap.fresh.size, zero_blocks.fresh.size)
-                bitmap.fresh[:n] = zero_blocks.fresh[:n]
-                bitmap.clear_stray_bits()
+            zero_bits = zero_blocks.snapshot() if zero_blocks is not None else None
+            bitmap = Bitmap(header.base_block_count, zero_bits)
+            bitmap.clear_stray_bits()
             await file.pwrite(header.bitmap_offset, bitmap.snapshot())
         if header.compact:
             table = np.full(header.table_size // 4, 0xFFFFFFFF, dtype="<u4")

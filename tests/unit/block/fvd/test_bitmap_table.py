@@ -37,7 +37,7 @@ def test_bitmap_matches_naive(
     assert all(runs[i][2] != runs[i + 1][2] for i in range(len(runs) - 1))
     clear = [i for i in range(lo, count) if not naive[i]]
     assert bm.first_clear(lo) == (clear[0] if clear else None)
-    assert Bitmap(count, bm.snapshot()).fresh.tolist() == bm.fresh.tolist()
+    assert Bitmap(count, bm.snapshot()).snapshot() == bm.snapshot()
 
 
 @given(st.lists(st.integers(0, 15), max_size=16))
@@ -47,7 +47,7 @@ def test_table_allocator_reuses_leaks_first(entries: list[int]) -> None:
     for v in values:
         unique.append(0xFFFFFFFF if v in unique else v)
     table = ChunkTable(16)
-    table.entries[: len(unique)] = unique
+    table.set_entries(0, unique)
     table.check_entries()
     table.start_allocator()
     used = {v for v in unique if v != 0xFFFFFFFF}

@@ -184,5 +184,5 @@ def test_bitmap_numpy_view_agrees_with_construct(raw: bytes) -> None:
 def test_table_numpy_view_agrees_with_construct(entries: list[int]) -> None:
     raw = table_struct(len(entries)).build({"entries": entries})
     table = ChunkTable(len(entries), raw)
-    assert table.entries.tolist() == entries
+    assert table.dense().tolist() == entries
     assert table.snapshot() == raw

@@ -493,18 +493,20 @@ async def _commit_cached(
         async with drv._meta:
             l2_offset, table = await l2_for_write(drv, l1i)
             frees = []
-            while done < len(items):
-                guest, payload = items[done]
-                plan = await w.allocator.plan(len(payload))
-                need = w.new_active(plan)
-                if not cache.has_room(need):
-                    break
-                host = await w.allocator.allocate(len(payload), plan, payload)
-                entry = compressed_l2_entry(drv.g, host, len(payload))
-                frees.append(_set_entry(drv, table, guest, entry))
-                done += 1
-            drv.cmap.l2_cache.mark_dirty(l2_offset, table)
-            await _drop_references(drv, [e for e in frees if e])
+            try:
+                while done < len(items):
+                    guest, payload = items[done]
+                    plan = await w.allocator.plan(len(payload))
+                    need = w.new_active(plan)
+                    if not cache.has_room(need):
+                        break
+                    host = await w.allocator.allocate(len(payload), plan, payload)
+                    entry = compressed_l2_entry(drv.g, host, len(payload))
+                    frees.append(_set_entry(drv, table, guest, entry))
+                    done += 1
+            finally:  # keep what was linked even if an allocation failed (ENOSPC)
+                drv.cmap.l2_cache.mark_dirty(l2_offset, table)
+                await _drop_references(drv, [e for e in frees if e])
         if done < len(items):
             await cache.make_room(need)
     await cache.write_closed()
@@ -517,15 +519,15 @@ async def _commit_uncached(
     from nbdserve.block.qcow2.write import _drop_references, l2_for_write
 
     hosts: list[int] = []
-    async with drv._meta:
-        for _, payload in items:
-            plan = await w.allocator.plan(len(payload))
-            hosts.append(await w.allocator.allocate(len(payload), plan))
     try:
-        await _write_extents(drv.data_file, hosts, [p for _, p in items])
+        async with drv._meta:
+            for _, payload in items:
+                plan = await w.allocator.plan(len(payload))
+                hosts.append(await w.allocator.allocate(len(payload), plan))
+        await _write_extents(drv.data_file, hosts, [p for _, p in items[: len(hosts)]])
     except BaseException:
         async with drv._meta:
-            for host, (_, payload) in zip(hosts, items, strict=True):
+            for host, (_, payload) in zip(hosts, items, strict=False):
                 await drv.refcounts.free_bytes(host, len(payload))
                 await w.after_free(host, len(payload))
         raise

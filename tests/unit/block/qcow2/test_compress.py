@@ -482,3 +482,57 @@ async def test_concurrent_unaligned_direct_appends_keep_every_byte(tmp_path: Pat
     finally:
         await file.aclose()
     assert path.read_bytes() == b"".join(chunks)
+
+
+@pytest.mark.parametrize("cache_size", [0, MiB], ids=["nocache", "cache"])
+async def test_a_failed_extent_write_fails_the_request_and_leaks_nothing(
+    tmp_path: Path, cache_size: int
+) -> None:
+    """One failing data write.  Without the cache it fails the request and the
+    extents' space is released; with it the failed cluster write (at the request that
+    filled the cluster, or at FLUSH) keeps the bytes cached and the next flush
+    writes them."""
+    from nbdserve.errors import HostIOError
+
+    cs = 65536
+    path = await _image(tmp_path, 16 * cs, cluster_size="64K")
+    rng = random.Random(13)
+    first, second = compressible(rng, 2 * cs), compressible(rng, 2 * cs)
+    dev, chain = await _open(path, compress_cache_size=cache_size)
+    top = chain.top
+    assert isinstance(top, Qcow2Driver)
+    real = top.data_file.pwrite
+    failures = []
+
+    async def fail_once(offset: int, data: Any) -> None:
+        if not failures:
+            failures.append(offset)
+            await trio.lowlevel.checkpoint()
+            raise HostIOError("injected write error", 5)
+        await real(offset, data)
+
+    try:
+        await dev.write(0, first)
+        await dev.flush()
+        top.data_file.pwrite = fail_once  # type: ignore[method-assign]
+        if cache_size:
+            try:
+                await dev.write(4 * cs, second)
+                await dev.flush()
+            except HostIOError:
+                pass
+            await dev.flush()
+        else:
+            with pytest.raises(HostIOError):
+                await dev.write(4 * cs, second)
+            second = bytes(2 * cs)
+        assert failures
+        assert await dev.read(4 * cs, 2 * cs) == second
+        await dev.flush()
+    finally:
+        top.data_file.pwrite = real  # type: ignore[method-assign]
+        await chain.aclose()
+    await _assert_clean(path)
+    got = await _read_back(path, 16 * cs)
+    assert got[: 2 * cs] == first
+    assert got[4 * cs : 6 * cs] == second

@@ -502,7 +502,7 @@ async def test_a_failed_extent_write_fails_the_request_and_leaks_nothing(
     top = chain.top
     assert isinstance(top, Qcow2Driver)
     real = top.data_file.pwrite
-    failures = []
+    failures: list[int] = []
 
     async def fail_once(offset: int, data: Any) -> None:
         if not failures:

@@ -433,6 +433,17 @@ class ClusterMap:
         self.l1_gaps_skipped += 1
         return span_end
 
+    def unmapped(self, offset: int, length: int) -> bool:
+        """No L2 table covers any of [offset, offset+length): the whole range defers
+        to the backing file.  One L1 lookup for ranges inside one L2 span."""
+        span_bits = self.g.l2_span_bits
+        l1i = offset >> span_bits
+        last = (offset + length - 1) >> span_bits
+        if last == l1i:
+            return not self._l1_mapped(l1i)
+        stop = min(last + 1, len(self.l1))
+        return stop <= l1i or not (self.l1[l1i:stop] & NP_L1E_OFFSET_MASK).any()
+
     def _l1_mapped(self, l1i: int) -> bool:
         return l1i < len(self.l1) and bool(int(self.l1[l1i]) & L1E_OFFSET_MASK)
 

@@ -225,3 +225,46 @@ async def test_cli_compress_flag(tmp_path: Path) -> None:
     expected = data + bytes(SIZE - len(data))
     check = await assert_compressed_and_equal(img, expected, tmp_path)
     assert check["compressed-clusters"] == 4
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+async def test_fio_sequential_write_throughput(tmp_path: Path) -> None:
+    """The issue's measurement: fio 1 MiB sequential writes at queue depth 8 of 70 %
+    compressible buffers into a fresh image with cache=none, compressed with and
+    without the write cache and uncompressed; prints MiB/s and image sizes."""
+    require_tools("qemu-img", "fio")
+    if not _direct_supported(tmp_path):
+        pytest.skip("this file system refuses O_DIRECT")
+    size = 1024 * MiB
+    results = {}
+    configs: list[tuple[str, dict[str, object]]] = [
+        ("uncompressed", {}),
+        ("compress+cache", {"compress": True}),
+        ("compress, no cache", {"compress": True, "compress_cache_size": 0}),
+    ]
+    for name, settings in configs:
+        d = tmp_path / name.replace(" ", "").replace(",", "").replace("+", "-")
+        d.mkdir()
+        img = d / "disk.qcow2"
+        await run("qemu-img", "create", "-q", "-f", "qcow2", img, str(size))
+        sock = d / "nbd.sock"
+        lines = [f'[server]\nsocket = "{sock}"\nport = 0\n', "[[export]]", 'name = ""']
+        lines += [f'path = "{img}"', 'format = "qcow2"', 'cache = "none"', "[export.settings]"]
+        lines += [f"{k} = {json.dumps(v)}" for k, v in settings.items()]
+        (d / "cfg.toml").write_text("\n".join(lines) + "\n")
+        with server_process(["serve", "--config", str(d / "cfg.toml")], socket_path=str(sock)):
+            out = await run(
+                "fio", "--name=w", "--ioengine=nbd", f"--uri={unix_uri(sock)}",
+                "--rw=write", "--bs=1M", "--iodepth=8", f"--size={size}",
+                "--buffer_compress_percentage=70", "--refill_buffers",
+                "--output-format=json", timeout=600,
+            )  # fmt: skip
+        job = json.loads(out[out.index("{") :])["jobs"][0]["write"]
+        check = await _qemu_img_json("check", "-f", "qcow2", "--output=json", img)
+        assert check.get("corruptions", 0) == 0, check
+        assert check.get("leaks", 0) == 0, check
+        results[name] = (job["bw_bytes"] / MiB, img.stat().st_size / MiB)
+    for name, (bw, mib) in results.items():
+        print(f"fio seq write 1M qd8 cache=none {name}: {bw:.1f} MiB/s, image {mib:.1f} MiB")
+    assert results["compress+cache"][1] < 0.5 * results["uncompressed"][1]

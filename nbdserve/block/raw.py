@@ -121,8 +121,17 @@ class RawDriver(FormatDriver):
 
     async def block_status(self, offset: int, length: int) -> Sequence[Extent]:
         await trio.lowlevel.checkpoint()
+        return self._status(offset, length)
+
+    def try_block_status(self, offset: int, length: int) -> Sequence[Extent] | None:
+        # SEEK_DATA/SEEK_HOLE answer from the file system's extent tree, in
+        # memory for a file in use: cheap enough to answer inline (and
+        # data_extents turns lseek errors into "all data" itself)
+        return self._status(offset, length)
+
+    def _status(self, offset: int, length: int) -> list[Extent]:
         runs = self._file.data_extents(self._base + offset, length)
-        out = [
+        return [
             Extent(
                 host - self._base,
                 n,
@@ -130,7 +139,6 @@ class RawDriver(FormatDriver):
             )
             for host, n, is_data in runs
         ]
-        return out
 
     async def aclose(self) -> None:
         if self._closed:

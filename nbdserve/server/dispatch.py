@@ -152,8 +152,15 @@ async def _status_covering(device: BlockDevice, offset: int, length: int) -> lis
 
 
 async def _block_status(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:
-    contexts = conn.meta_contexts
     extents = await device.block_status(req.offset, req.length)
+    return block_status_reply(conn, req, extents)
+
+
+def block_status_reply(
+    conn: ServerConnection, req: Request, extents: Sequence[ChainExtent]
+) -> Chunks:
+    """One chunk per negotiated meta context, the last one marked done."""
+    contexts = conn.meta_contexts
     if req.flags & CmdFlag.REQ_ONE:
         extents = extents[:1]
     out: Chunks = []

@@ -35,7 +35,7 @@ from nbdserve.protocol import events as ev
 from nbdserve.protocol.connection import ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
 from nbdserve.server import tls
-from nbdserve.server.dispatch import SPARSE_READ_MIN, dispatch
+from nbdserve.server.dispatch import SPARSE_READ_MIN, block_status_reply, dispatch
 from nbdserve.server.exports import META_CONTEXT_IDS, Export, ExportRegistry
 from nbdserve.server.stats import ExportStats
 from nbdserve.server.tls import TlsMode
@@ -58,6 +58,7 @@ SEND_TIMEOUT = 30.0
 _JOIN_LIMIT = 64 * 1024
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
+_BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _FUA = int(CmdFlag.FUA)
 
 
@@ -547,7 +548,7 @@ class Session:
         """
         conn = self.conn
         request_t = ev.Request
-        read_cmd, write_cmd = _READ, _WRITE
+        read_cmd, write_cmd, status_cmd = _READ, _WRITE, _BLOCK_STATUS
         inline_max = SPARSE_READ_MIN if conn.structured_replies else self._max_read
         reader = device.inline_reader(inline_max)
         hsize = conn.reply_read_header_size()
@@ -580,6 +581,11 @@ class Session:
                     if reader(req.offset, memoryview(buf)[hsize:]):
                         pack_header(buf, req.handle, req.offset, n)
                         out.append(buf)
+                        continue
+                elif cmd == status_cmd:
+                    extents = device.try_block_status(req.offset, req.length)
+                    if extents is not None:
+                        out.extend(block_status_reply(conn, req, extents))
                         continue
                 elif cmd == write_cmd:
                     assert req.payload is not None

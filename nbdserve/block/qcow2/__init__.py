@@ -457,6 +457,9 @@ class Qcow2Driver(FormatDriver):
     # ---- reads -------------------------------------------------------------------------
 
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
+        if self.backing is not None and self.cmap.unmapped(offset, len(buf)):
+            # no L2 table here: one L1 lookup per layer of a deep chain
+            return self._try_read_backing(offset, buf)
         host = self.cmap.peek_host(offset, len(buf))
         if host >= 0:
             return self.data_file.try_pread_into(host, buf)
@@ -566,6 +569,8 @@ class Qcow2Driver(FormatDriver):
         if self._closed or self._metadata_prealloc is not False:
             return None  # preallocated images ask the host file about holes
         cap = min(length, self.size - offset)
+        if self.cmap.unmapped(offset, cap):  # e.g. an empty layer of a chain: one lookup
+            return [Extent(offset, cap, Status.NONE)]
         limit_end = self._status_limit(offset, offset + cap)
         try:
             runs = self.cmap.peek_runs(offset, min(cap, max(1, limit_end - offset)))

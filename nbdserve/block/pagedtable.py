@@ -206,6 +206,17 @@ class PagedTable:
     def next_non_fill(self, first: int, stop: int) -> int:
         return self.next_not(first, stop, self.fill)
 
+    def stored_end(self, first: int, stop: int) -> int:
+        """Where the stretch of stored pages holding ``first`` ends (at most ``stop``):
+        past it the entries are ``fill``, so scans of non-fill runs stop there."""
+        stop = min(stop, self.count)
+        p = first >> self.page_bits
+        last = (stop - 1) >> self.page_bits
+        gaps = (~self.present[p : last + 1]).nonzero()[0]
+        if not len(gaps):
+            return stop
+        return min(stop, (p + int(gaps[0])) << self.page_bits)
+
     def run_length(self, first: int, stop: int, step: int) -> int:
         """Entries from ``first`` (before ``stop``) that are all ``fill``, or all not
         ``fill`` and each ``step`` above the previous (a host-contiguous run).
@@ -217,8 +228,8 @@ class PagedTable:
         head = self.get(first)
         if head == self.fill:
             return self.next_not(first, stop, self.fill) - first
-        n = min(stop - first, SCAN_WINDOW)
-        if n == 1:
+        n = min(self.stored_end(first, min(stop, first + SCAN_WINDOW)) - first, SCAN_WINDOW)
+        if n <= 1:
             return 1
         seg = self.window(first, n).astype(np.int64)
         expected = head + step * np.arange(n, dtype=np.int64)

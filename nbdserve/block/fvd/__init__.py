@@ -1226,6 +1226,11 @@ class FvdDriver(FormatDriver):
         from nbdserve.block.base import DriverStatistics
 
         extra = dict(self._stats)
+        for name, part in (("bitmap", self._bitmap), ("table", self._table)):
+            if part is not None:  # work counters: they follow what is allocated
+                extra[f"{name}_bytes_resident"] = part.table.memory_bytes
+                extra[f"{name}_bytes_loaded"] = part.table.bytes_read
+                extra[f"{name}_entries_scanned"] = part.table.entries_scanned
         extra["guest_inflight"] = self._guest_inflight
         extra["cor_outstanding"] = self._cor_outstanding
         if self.prefetcher is not None:

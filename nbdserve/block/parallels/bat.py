@@ -136,7 +136,8 @@ class BatTable:
                 _append_run(out, pos, mapped - pos, False)
                 pos = mapped
                 continue
-            n = min(stop - pos, SCAN_WINDOW)
+            # mapped entries live in stored pages: scan to the end of those, at most
+            n = table.stored_end(pos, min(stop, pos + SCAN_WINDOW)) - pos
             allocated = table.window(pos, n) != 0
             bounds = (np.diff(allocated.view(np.int8)) != 0).nonzero()[0] + 1
             starts = [0, *bounds.tolist()]

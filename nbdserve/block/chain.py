@@ -231,6 +231,8 @@ def resolve_backing_path(overlay_path: str, ref: str, allowed: Sequence[str]) ->
     """
     if "://" in ref or ref.startswith(("nbd:", "json:")):
         raise BackingChainError(f"backing file {ref!r} is not a local path")
+    if "\0" in ref:  # os.path would raise ValueError: no file has such a name
+        raise BackingChainError(f"backing file {ref!r} of {overlay_path} contains a NUL byte")
     base_dir = os.path.dirname(os.path.abspath(overlay_path))
     candidate = ref if os.path.isabs(ref) else os.path.join(base_dir, ref)
     real = os.path.realpath(candidate)

@@ -16,11 +16,9 @@ server at a random moment.  Afterwards:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import signal
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +26,7 @@ import trio
 
 from nbdserve.block.nbdclient import NbdAddress, NbdConnection
 from nbdserve.errors import HostIOError
+from tests.helpers.checks import nbdserve_img_check
 from tests.helpers.server import server_process
 from tests.unit.block.fvd.helpers import make_base, make_image, open_image
 
@@ -40,25 +39,9 @@ SIZE = 4 * MIB
 DEFAULT_SEEDS = [101, 202, 303, 404, 505]
 
 
-async def img_check(path: Path, *extra: str) -> tuple[int, dict[str, object]]:
-    with trio.fail_after(60):
-        result = await trio.run_process(
-            [
-                sys.executable,
-                "-m",
-                "nbdserve",
-                "img",
-                "check",
-                "--output",
-                "json",
-                *extra,
-                str(path),
-            ],
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return result.returncode, json.loads(result.stdout or b"{}")
+async def img_check(path: Path, repair: str | None = None) -> tuple[int, dict[str, object]]:
+    result = await nbdserve_img_check(path, "fvd", repair)
+    return result.status, result.report
 
 
 async def crash_once(tmp_path: Path, seed: int) -> int:
@@ -122,7 +105,7 @@ async def crash_once(tmp_path: Path, seed: int) -> int:
         assert value == durable[u] or value in later[u], f"seed {seed}: unit {u} lost or garbage"
     status, report = await img_check(d / "img.fvd")
     if status == 3:
-        status, report = await img_check(d / "img.fvd", "-r", "leaks")
+        status, report = await img_check(d / "img.fvd", "leaks")
         status, report = await img_check(d / "img.fvd")
     assert status == 0, report
     return ops

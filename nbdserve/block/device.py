@@ -37,6 +37,9 @@ if TYPE_CHECKING:
 # shorter answer is always legal and keeps one reply's memory small.
 MAX_STATUS_EXTENTS = 128 * 1024
 _ALLOCATED, _ZERO, _DATA = int(Status.ALLOCATED), int(Status.ZERO), int(Status.DATA)
+# queries for this few extents (REQ_ONE) map a growing prefix of the range, from this long
+FEW_EXTENTS = 16
+FIRST_PROBE = 16 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -314,12 +317,39 @@ class BlockDevice:
         if length == 0:
             raise InvalidRequestError("block status of an empty range")
         self.stats.block_status += 1
+        if max_extents <= FEW_EXTENTS and length > FIRST_PROBE:
+            return await self._first_extents(offset, length, max_extents)
         extents = try_chain_status(self.top, offset, length, max_extents=max_extents)
         if extents is None:
             extents = await chain_status(self.top, offset, length, max_extents=max_extents)
         else:
             await trio.lowlevel.checkpoint()
         return merge_chain_extents(extents)
+
+    async def _first_extents(self, offset: int, length: int, wanted: int) -> list[ChainExtent]:
+        """The first ``wanted`` extents, mapping growing prefixes of the range.
+
+        A client that wants one extent (NBD_CMD_FLAG_REQ_ONE; QEMU's NBD client
+        always asks so, from its position to the end of the disk) then costs
+        the mapping of about that extent, not of the whole range; the probe
+        grows 16-fold per round, so a long extent takes few rounds.
+        """
+        end = offset + length
+        out: list[ChainExtent] = []
+        probe = FIRST_PROBE
+        while True:
+            pos = out[-1].end if out else offset
+            n = min(probe, end - pos)
+            got = try_chain_status(self.top, pos, n, max_extents=wanted + 1)
+            if got is None:
+                got = await chain_status(self.top, pos, n, max_extents=wanted + 1)
+            else:
+                await trio.lowlevel.checkpoint()
+            out = merge_chain_extents([*out, *got])
+            # all but the last extent are complete; the last may go on past the probe
+            if len(out) > wanted or out[-1].end >= end:
+                return out[:wanted]
+            probe *= 16
 
     def try_block_status(
         self, offset: int, length: int, *, max_extents: int = MAX_STATUS_EXTENTS
@@ -332,11 +362,29 @@ class BlockDevice:
         self._check_range(offset, length)
         if length == 0:
             raise InvalidRequestError("block status of an empty range")
+        if max_extents <= FEW_EXTENTS and length > FIRST_PROBE:
+            return self._try_first_extents(offset, length, max_extents)
         extents = try_chain_status(self.top, offset, length, max_extents=max_extents)
         if extents is None:
             return None
         self.stats.block_status += 1
         return merge_chain_extents(extents)
+
+    def _try_first_extents(self, offset: int, length: int, wanted: int) -> list[ChainExtent] | None:
+        """``_first_extents`` without blocking, or None."""
+        end = offset + length
+        out: list[ChainExtent] = []
+        probe = FIRST_PROBE
+        while True:
+            pos = out[-1].end if out else offset
+            got = try_chain_status(self.top, pos, min(probe, end - pos), max_extents=wanted + 1)
+            if got is None:
+                return None
+            out = merge_chain_extents([*out, *got])
+            if len(out) > wanted or out[-1].end >= end:
+                self.stats.block_status += 1
+                return out[:wanted]
+            probe *= 16
 
     async def aclose(self) -> None:
         await self.top.aclose()

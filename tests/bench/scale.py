@@ -22,6 +22,12 @@ qcow2 base, half of the pieces in each -- and prints one markdown table row:
 A last row per format is the reference for the copy criterion: the same data
 in an image of exactly the data's size.  Timing is wall clock on whatever
 machine runs it; ``tests/scale`` checks the same properties as counts.
+
+``--exports N`` measures instead one server with N exports from one config
+file (16 TiB qcow2 and parallels images, 64 GiB FVD images -- a 16 TiB FVD
+holds a 64 MiB table of 0xFF bytes that no copy can make sparse): startup
+time, idle RSS, RSS per export over a one-export server, and the time of
+``nbdinfo --list``.
 """
 
 from __future__ import annotations
@@ -215,6 +221,76 @@ def run_format(fmt: str, args: argparse.Namespace, root: Path) -> list[Row]:
     return rows
 
 
+def sparse_copy(src: Path, dst: Path, block: int = 1 << 20) -> None:
+    """Copy ``src`` leaving all-zero blocks as holes (qemu-img fallocates a parallels
+    BAT: plain copies of a 16 TiB image would each take 64 MiB of disk)."""
+    zero = bytes(block)
+    with open(src, "rb") as fi, open(dst, "wb") as fo:
+        size = os.fstat(fi.fileno()).st_size
+        pos = 0
+        while pos < size:
+            chunk = fi.read(block)
+            if chunk != zero[: len(chunk)]:
+                fo.seek(pos)
+                fo.write(chunk)
+            pos += len(chunk)
+        fo.truncate(size)
+
+
+def serve_config(config: Path, sock: Path) -> tuple[subprocess.Popen[bytes], float]:
+    if sock.exists():
+        sock.unlink()
+    t = time.perf_counter()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "nbdserve", "serve", "--config", str(config)],
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while not sock.exists():
+        if server.poll() is not None:
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    return server, time.perf_counter() - t
+
+
+def exports_row(fmt: str, size: int, count: int, args: argparse.Namespace, root: Path) -> str:
+    work = Path(tempfile.mkdtemp(prefix=f"{fmt}-exports-", dir=root))
+    try:
+        first = work / f"e0.{SUFFIX[fmt]}"
+        trio.run(make_image, fmt, first, size, spread(size, 4, 1 << 20))
+        paths = [first]
+        for i in range(1, count):
+            paths.append(work / f"e{i}.{SUFFIX[fmt]}")
+            sparse_copy(first, paths[-1])
+        sock = work / "nbd.sock"
+        rss = []
+        for n in (1, count):
+            lines = ["[server]", f'socket = "{sock}"', ""]
+            for i, path in enumerate(paths[:n]):
+                lines += ["[[export]]", f'name = "e{i}"', f'path = "{path}"']
+                lines += ["read_only = true", ""]
+            config = work / "config.toml"
+            config.write_text("\n".join(lines))
+            server, startup = serve_config(config, sock)
+            try:
+                time.sleep(0.5)
+                rss.append(rss_mib(server.pid))
+                listing = best_time(
+                    ["nbdinfo", "--list", "--json", f"nbd+unix:///?socket={sock}"], args.repeat
+                )
+            finally:
+                server.terminate()
+                server.wait(timeout=30)
+        per_export = (rss[1] - rss[0]) * 1024 / (count - 1)
+        return (
+            f"| {fmt} | {human(size)} | {count} | {startup:.2f} | {rss[0]:.0f} | {rss[1]:.0f} "
+            f"| {per_export:.0f} | {listing:.2f} |"
+        )
+    finally:
+        shutil.rmtree(work)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="1G,64G,1T,16T")
@@ -224,6 +300,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--copy-max", default="1T", help="largest size to copy")
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument("--exports", type=int, default=0, help="measure N exports instead")
     args = parser.parse_args()
     for tool in ("qemu-img", "qemu-io", "nbdinfo", "nbdcopy"):
         if shutil.which(tool) is None:
@@ -231,12 +308,26 @@ def main() -> None:
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="nbdserve-scale-"))
     root.mkdir(parents=True, exist_ok=True)
     rows: list[Row] = []
+    export_rows: list[str] = []
     try:
         for fmt in args.formats.split(","):
-            rows += run_format(fmt, args, root)
+            if args.exports:
+                size = parse_size("64G" if fmt == "fvd" else "16T")
+                export_rows.append(exports_row(fmt, size, args.exports, args, root))
+                print(export_rows[-1], file=sys.stderr, flush=True)
+            else:
+                rows += run_format(fmt, args, root)
     finally:
         if not args.dir:
             shutil.rmtree(root, ignore_errors=True)
+    if args.exports:
+        print(
+            "| format | virtual size | exports | startup (s) | RSS, 1 export (MiB) "
+            "| RSS, all (MiB) | per export (KiB) | nbdinfo --list (s) |\n"
+            "|---|---|---:|---:|---:|---:|---:|---:|"
+        )
+        print("\n".join(export_rows))
+        return
     print(
         f"{args.pieces} x {args.piece} of data spread over each disk; "
         f"best of {args.repeat}; {os.cpu_count()} CPUs\n"

@@ -365,6 +365,8 @@ class FileBackend:
             raise from_os_error(exc, f"sync {self.path}") from exc
 
     async def truncate(self, size: int) -> None:
+        self._check_host_range(size, 0, "truncate")
+
         def work() -> None:
             try:
                 os.ftruncate(self.fd, size)

@@ -1,8 +1,9 @@
-"""Regression tests for fuzz findings that are not tied to one seed image.
+"""Regression tests for fuzz findings that a corpus entry alone does not pin down.
 
 The image-level findings are corpus entries (tests/fuzz/corpus/*/regress-*.json,
 replayed by test_corpus.py with their expected outcome); this file holds the
-FileBackend contract that one of them exposed.
+FileBackend contract they exposed and effects an outcome cannot show (how
+far a file grows).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import pytest
 
 from nbdserve.block.file import FileBackend
 from nbdserve.errors import HostIOError
+from tests.fuzz.layouts import fvd_layout
+from tests.unit.block.fvd.helpers import make_image, open_image
 
 HUGE = [1 << 63, (1 << 64) - 512, (1 << 63) - 256]  # the last: offset fits, end does not
 
@@ -53,3 +56,42 @@ async def test_write_at_an_offset_no_file_can_have_is_a_block_error(
         assert f.size == 0
     finally:
         await f.aclose()
+
+
+async def test_truncate_to_a_size_no_file_can_have_is_a_block_error(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    path.write_bytes(b"z" * 100)
+    f = FileBackend.open(str(path), read_only=False)
+    try:
+        for size in (1 << 63, -1):
+            with pytest.raises(HostIOError):
+                await f.truncate(size)
+        assert path.stat().st_size == 100
+    finally:
+        await f.aclose()
+
+
+async def test_fvd_storage_grow_unit_from_the_image_does_not_size_the_file(tmp_path: Path) -> None:
+    """atheris finding: storage_grow_unit ~2**64 reached ftruncate (OverflowError); one of
+    2**40 grew the file to a sparse TiB.  Growth now stops at the largest store the
+    table can address."""
+    path = tmp_path / "c.fvd"
+    size, chunk = 1 << 20, 64 * 1024
+    await make_image(path, size, compact="on", chunk_size="64k", journal_size="4k")
+    field = fvd_layout(path.read_bytes()).fields["storage_grow_unit"]
+    for grow_unit in (1 << 40, (1 << 64) - (1 << 20)):
+        with path.open("r+b") as f:
+            f.seek(field.offset)
+            f.write(grow_unit.to_bytes(8, "little"))
+        chain, dev = await open_image(path)
+        try:
+            await dev.write(3 * chunk, b"\x42" * 4096)
+            await dev.flush()
+        finally:
+            await chain.aclose()
+        assert path.stat().st_size <= 4 * 1024 * 1024 + size, grow_unit  # metadata + store
+        chain, dev = await open_image(path, read_only=True)
+        try:
+            assert await dev.read(3 * chunk, 4096) == b"\x42" * 4096
+        finally:
+            await chain.aclose()

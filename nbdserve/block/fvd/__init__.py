@@ -427,6 +427,11 @@ class FvdDriver(FormatDriver):
     def _store_size(self) -> int:
         return max(0, self._store.size - self._store_base)
 
+    def _max_store_size(self) -> int:
+        """Bytes of data store a compact image can ever use."""
+        chunks = self._table.chunk_count if self._table is not None else 0
+        return chunks * self._chunk_size
+
     # ---- mapping ----------------------------------------------------------------------
 
     def _segments(
@@ -856,6 +861,9 @@ class FvdDriver(FormatDriver):
                 return
             unit = max(self.header.storage_grow_unit, self._chunk_size)
             grow = max(unit, -(-(needed - current) // unit) * unit)
+            # storage_grow_unit comes from the image: never grow past the largest
+            # store the table can address (each virtual chunk stored once)
+            grow = max(needed - current, min(grow, self._max_store_size() - current))
             cmd = self.header.add_storage_cmd
             if cmd and self.settings.get("allow_add_storage_cmd"):
                 await self._run_add_storage_cmd(cmd, grow)

@@ -35,6 +35,7 @@ from tests.fuzz.target import exercise, exercise_check
 
 EXECUTIONS: Counter[str] = Counter()
 OUTCOMES: Counter[str] = Counter()
+PEAK: Counter[str] = Counter()  # largest traced allocation peak per seed
 
 
 @pytest.fixture(scope="session")
@@ -54,6 +55,9 @@ def _report_counts() -> Iterator[None]:
         print(f"fuzz executions {key}: {EXECUTIONS[key]}")
     print(f"fuzz executions total: {sum(EXECUTIONS.values())}")
     print(f"fuzz outcomes: {dict(OUTCOMES.most_common())}")
+    if PEAK:
+        seed, peak = PEAK.most_common(1)[0]
+        print(f"fuzz largest traced allocation peak: {peak / 2**20:.1f} MiB ({seed})")
 
 
 def _seed(seed_root: Path, name: str) -> Seed:
@@ -84,6 +88,7 @@ async def _fuzz_open(seed: Seed, data: st.DataObject, key: str) -> None:
     )
     EXECUTIONS[key] += 1
     OUTCOMES[outcome.kind] += 1
+    PEAK[seed.name] = max(PEAK[seed.name], outcome.peak)
     corpus.maybe_save(
         {
             "seed": seed.name,
@@ -105,6 +110,7 @@ async def _fuzz_check(seed: Seed, data: st.DataObject, key: str) -> None:
     outcome = await exercise_check(seed.target, seed.fmt, repair, allow_known=True)
     EXECUTIONS[key] += 1
     OUTCOMES[f"check-{outcome.kind}"] += 1
+    PEAK[seed.name] = max(PEAK[seed.name], outcome.peak)
     corpus.maybe_save(
         {"seed": seed.name, "fmt": seed.fmt, "mutations": muts, "check": repair or "none"},
         "check-" + outcome.signature(),

@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from nbdserve.block.device import MAX_STATUS_EXTENTS
 from nbdserve.block.extents import allocation_descriptors, depth_descriptors
 from nbdserve.errors import BlockError, NbdErrno, to_nbd_errno
 from nbdserve.protocol.constants import Cmd, CmdFlag
@@ -152,8 +153,16 @@ async def _status_covering(device: BlockDevice, offset: int, length: int) -> lis
 
 
 async def _block_status(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:
-    extents = await device.block_status(req.offset, req.length)
+    extents = await device.block_status(
+        req.offset, req.length, max_extents=status_extents_wanted(req)
+    )
     return block_status_reply(conn, req, extents)
+
+
+def status_extents_wanted(req: Request) -> int:
+    """REQ_ONE wants one extent: asking the chain for more maps ranges for nothing
+    (QEMU's client always sets it, asking from its position to the end of disk)."""
+    return 1 if req.flags & CmdFlag.REQ_ONE else MAX_STATUS_EXTENTS
 
 
 def block_status_reply(

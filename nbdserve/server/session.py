@@ -35,7 +35,12 @@ from nbdserve.protocol import events as ev
 from nbdserve.protocol.connection import ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
 from nbdserve.server import tls
-from nbdserve.server.dispatch import SPARSE_READ_MIN, block_status_reply, dispatch
+from nbdserve.server.dispatch import (
+    SPARSE_READ_MIN,
+    block_status_reply,
+    dispatch,
+    status_extents_wanted,
+)
 from nbdserve.server.exports import META_CONTEXT_IDS, Export, ExportRegistry
 from nbdserve.server.stats import ExportStats
 from nbdserve.server.tls import TlsMode
@@ -583,7 +588,9 @@ class Session:
                         out.append(buf)
                         continue
                 elif cmd == status_cmd:
-                    extents = device.try_block_status(req.offset, req.length)
+                    extents = device.try_block_status(
+                        req.offset, req.length, max_extents=status_extents_wanted(req)
+                    )
                     if extents is not None:
                         out.extend(block_status_reply(conn, req, extents))
                         continue

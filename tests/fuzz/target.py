@@ -46,13 +46,7 @@ ALLOWED = (ImageError, BlockError)
 # (tests/fuzz/corpus/*/regress-*.json): the fuzzers count a match as
 # "known-bug" instead of failing on it again; the corpus replay does not.
 # (exception class name, message regex, where it is described)
-KNOWN_BUGS: list[tuple[str, str, str]] = [
-    (
-        "StringError",
-        r"cannot use encoding 'ascii' to decode",
-        "qcow2 feature name table entry not ASCII: corpus qcow2/regress-feature-name-not-ascii*",
-    ),
-]
+KNOWN_BUGS: list[tuple[str, str, str]] = []
 
 
 class FuzzFailure(AssertionError):

@@ -135,7 +135,9 @@ _EXT_HEADER = cs.Struct("type" / cs.Int32ub, "length" / cs.Int32ub)
 _FEATURE_ENTRY = cs.Struct(
     "type" / cs.Int8ub,
     "bit" / cs.Int8ub,
-    "name" / cs.PaddedString(46, "ascii"),
+    # informative text: kept as bytes and decoded leniently, so a name that
+    # is not ASCII cannot make an otherwise good image unreadable
+    "name" / cs.Bytes(46),
 )
 
 _BITMAPS_EXT = cs.Struct(
@@ -467,7 +469,7 @@ def _feature_names(data: bytes) -> dict[tuple[int, int], str]:
     out: dict[tuple[int, int], str] = {}
     for i in range(len(data) // 48):
         entry = _FEATURE_ENTRY.parse(data[i * 48 : i * 48 + 48])
-        out[(entry.type, entry.bit)] = entry.name.rstrip("\0")
+        out[(entry.type, entry.bit)] = entry.name.rstrip(b"\0").decode("ascii", "replace")
     return out
 
 
@@ -477,7 +479,7 @@ def encode_extension(ext_type: int, data: bytes) -> bytes:
 
 def encode_feature_table(entries: list[tuple[int, int, str]]) -> bytes:
     body = b"".join(
-        _FEATURE_ENTRY.build({"type": t, "bit": b, "name": n.ljust(46, "\0")})
+        _FEATURE_ENTRY.build({"type": t, "bit": b, "name": n.encode("ascii").ljust(46, b"\0")})
         for t, b, n in entries
     )
     return encode_extension(EXT_FEATURE_TABLE, body)

@@ -14,9 +14,11 @@ from pathlib import Path
 import pytest
 
 from nbdserve.block.file import FileBackend
-from nbdserve.errors import HostIOError
-from tests.fuzz.layouts import fvd_layout
+from nbdserve.block.parallels import check_image as parallels_check
+from nbdserve.errors import HostIOError, InvalidImageError
+from tests.fuzz.layouts import fvd_layout, parallels_layout
 from tests.unit.block.fvd.helpers import make_image, open_image
+from tests.unit.block.parallels.images import new_image, open_driver
 
 HUGE = [1 << 63, (1 << 64) - 512, (1 << 63) - 256]  # the last: offset fits, end does not
 
@@ -95,3 +97,31 @@ async def test_fvd_storage_grow_unit_from_the_image_does_not_size_the_file(tmp_p
             assert await dev.read(3 * chunk, 4096) == b"\x42" * 4096
         finally:
             await chain.aclose()
+
+
+async def test_parallels_extension_cluster_outside_the_file_is_refused_then_repaired(
+    tmp_path: Path,
+) -> None:
+    """Fuzz finding: with ext_off far past the end of the file, the first allocating
+    write fallocated up to it (74 TB: the disk filled).  Read-write opens now refuse
+    it, check reports it and --repair all forgets it; then writes keep the file small."""
+    path = await new_image(tmp_path / "p.img", 1 << 20)
+    field = parallels_layout(path.read_bytes()).fields["ext_off"]
+    with path.open("r+b") as f:
+        f.seek(field.offset)
+        f.write((144_941_906_321).to_bytes(8, "little"))
+    with pytest.raises(InvalidImageError, match="extension cluster"):
+        await open_driver(path)
+    report = await parallels_check(str(path), None)
+    assert report.corruptions == 1
+    report = await parallels_check(str(path), "all")
+    assert report.corruptions == 0
+    assert report.corruptions_fixed == 1
+    driver = await open_driver(path)
+    try:
+        await driver.write(0, b"\x17" * 4096)
+        await driver.flush()
+    finally:
+        await driver.aclose()
+    assert path.stat().st_size < 1 << 20
+    assert (await parallels_check(str(path), None)).corruptions == 0

@@ -658,6 +658,11 @@ def _round_up(value: int, unit: int) -> int:
     return -(-value // unit) * unit
 
 
+def ext_inside_file(geometry: Geometry, file_size: int) -> bool:
+    """No format extension, or its cluster lies wholly inside the file."""
+    return not geometry.ext_offset or geometry.ext_offset + geometry.cluster_size <= file_size
+
+
 def _ext_end(geometry: Geometry) -> int:
     """End of the format extension cluster (kept, though not interpreted)."""
     if not geometry.ext_offset:
@@ -679,7 +684,7 @@ async def open_image(file: FileBackend, options: OpenOptions) -> ParallelsDriver
     header, geometry, bat = await read_metadata(file)
     problems = bat.problems(file.size)
     if not read_only:
-        _refuse_unsafe_writes(file.path, header, geometry, problems)
+        _refuse_unsafe_writes(file.path, header, geometry, problems, file.size)
     elif header.unclean:
         LOGGER.warning("%s: parallels image was not closed cleanly; serving read-only", file.path)
     if geometry.ext_offset and not read_only:
@@ -710,7 +715,7 @@ async def read_metadata(file: FileBackend) -> tuple[ParallelsHeader, Geometry, B
 
 
 def _refuse_unsafe_writes(
-    path: str, header: ParallelsHeader, geometry: Geometry, problems: BatProblems
+    path: str, header: ParallelsHeader, geometry: Geometry, problems: BatProblems, file_size: int
 ) -> None:
     if header.unclean:
         raise InvalidImageError(
@@ -726,6 +731,14 @@ def _refuse_unsafe_writes(
         raise InvalidImageError(
             f"parallels image {path} is corrupt ({problems.describe()}) and cannot be "
             f"opened read-write; {REPAIR_HINT}"
+        )
+    if not ext_inside_file(geometry, file_size):
+        # new clusters go after the extension cluster: one far past the end of the
+        # file would make the first allocation fallocate up to it (filling the disk)
+        raise InvalidImageError(
+            f"parallels image {path}: the format extension cluster at "
+            f"{geometry.ext_offset:#x} lies outside the file and it cannot be opened "
+            f"read-write; {REPAIR_HINT}"
         )
 
 

@@ -8,7 +8,8 @@ check_duplicate, collect_statistics).  Differences, on purpose:
   one outside the file: the entry is dropped; its "data" is metadata);
 * an image with no allocated cluster ends at its data offset, so a fresh
   image has no "leak" (QEMU 7.2 reports one);
-* the format extension cluster, if any, counts as used space.
+* the format extension cluster, if any, counts as used space; one that lies
+  outside the file is a corruption (repair forgets it: ext_off = 0).
 
 After a repair the image is checked again and that second result is the
 report, as ``qemu-img check -r`` does ("Double checking the fixed image").
@@ -24,7 +25,7 @@ import numpy.typing as npt
 
 from nbdserve.block.check import CheckReport
 from nbdserve.block.file import FileBackend
-from nbdserve.block.parallels import read_metadata
+from nbdserve.block.parallels import ext_inside_file, read_metadata
 from nbdserve.block.parallels.bat import BatTable, duplicate_indices
 from nbdserve.block.parallels.structs import INUSE_CLOSED, SECTOR_SIZE
 
@@ -83,10 +84,16 @@ async def _check_once(file: FileBackend, fix_errors: bool, fix_leaks: bool) -> C
         report.corruptions_fixed += 1
         dirty = True
     dirty |= _check_entries(p, bat, file.size, geometry.data_start)
+    if not ext_inside_file(geometry, file.size) and p.problem(
+        f"format extension cluster at {geometry.ext_offset} is outside image"
+    ):
+        header = header.replace(ext_off=0)  # nothing of it is in the file to keep
+        report.corruptions_fixed += 1
+        dirty = True
     index, host = _allocated(bat)
     valid = (host + cs <= file.size) & (host >= geometry.data_start)
     end = int(host[valid].max()) + cs if valid.any() else geometry.data_start
-    if geometry.ext_offset:
+    if geometry.ext_offset and ext_inside_file(geometry, file.size):
         end = max(end, geometry.ext_offset + cs)
     end = max(end, geometry.data_start)
     if file.size > end:

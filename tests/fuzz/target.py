@@ -9,9 +9,12 @@ input too), optionally repairing.
 
 Allowed: success, or an ``ImageError``/``BlockError`` (raised anywhere,
 including while closing).  Anything else fails the test, as does a hang
-(``trio.fail_after``) or a peak of traced allocations above ``MEMORY_LIMIT``
+(``trio.fail_after``), a peak of traced allocations above ``MEMORY_LIMIT``
 while handling a tiny image (tracemalloc sees Python objects and numpy
-arrays, which is where an attacker-sized allocation would land).
+arrays, which is where an attacker-sized allocation would land), or disk
+growth an attacker chose: no file may pass ``FILE_SIZE_LIMIT`` (RLIMIT_FSIZE,
+so a NoSpaceError/EFBIG here means a driver tried) and the image may not end
+up taking more than ``DISK_USE_LIMIT`` of disk.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import itertools
 import os
 import re
 import resource
+import signal
 import tracemalloc
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -35,6 +39,8 @@ from nbdserve.errors import BlockError, ImageError
 
 MEMORY_LIMIT = 64 * 1024 * 1024
 ADDRESS_SPACE_SLACK = 2 * 1024 * 1024 * 1024
+FILE_SIZE_LIMIT = 1024 * 1024 * 1024  # no file may grow past this (RLIMIT_FSIZE)
+DISK_USE_LIMIT = 256 * 1024 * 1024  # allocated blocks of the image afterwards
 TIMEOUT = 20.0
 READ_CAP = 8 * 1024 * 1024  # bytes read from the start (and the end) of the disk
 READ_CHUNK = 256 * 1024
@@ -146,6 +152,32 @@ async def _open_read_map(path: Path, fmt: str | None, read_only: bool, write: bo
 
 
 @contextlib.contextmanager
+def _file_size_cap() -> Iterator[None]:
+    """Files cannot grow past ``FILE_SIZE_LIMIT`` (RLIMIT_FSIZE; SIGXFSZ ignored, so such
+    a write or fallocate fails with EFBIG): a driver that tries is caught before it
+    fills the disk, which a seed of a few MiB never needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    cap = FILE_SIZE_LIMIT if hard == resource.RLIM_INFINITY else min(FILE_SIZE_LIMIT, hard)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (cap, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def _check_growth(path: Path, outcome: Outcome, what: str) -> None:
+    """The file-size cap was hit, or the image took much more disk than a seed needs."""
+    hit = "NoSpaceError" in (outcome.kind, outcome.message.split(":", 1)[0])
+    if hit or "File too large" in outcome.message:
+        raise FuzzFailure(f"{what}: tried to grow a file past {FILE_SIZE_LIMIT}: {outcome}")
+    st = path.stat()
+    if st.st_blocks * 512 > DISK_USE_LIMIT:
+        raise FuzzFailure(f"{what}: the image now takes {st.st_blocks * 512} bytes of disk")
+
+
+@contextlib.contextmanager
 def _address_space_cap() -> Iterator[None]:
     """Make a runaway allocation fail with MemoryError instead of taking the machine.
 
@@ -174,10 +206,12 @@ def _known_bug(exc: BaseException) -> str | None:
 
 
 async def _bounded(
-    fn: Callable[[], Awaitable[Outcome]], what: str, *, allow_known: bool
+    fn: Callable[[], Awaitable[Outcome]], path: Path, what: str, *, allow_known: bool
 ) -> Outcome:
-    with _address_space_cap():
-        return await _bounded_traced(fn, what, allow_known)
+    with _address_space_cap(), _file_size_cap():
+        outcome = await _bounded_traced(fn, what, allow_known)
+    _check_growth(path, outcome, what)
+    return outcome
 
 
 async def _bounded_traced(
@@ -223,6 +257,7 @@ async def exercise(
     """Open + read + map (+ write) under the allowed-outcome rules."""
     return await _bounded(
         lambda: _open_read_map(path, fmt, read_only, write),
+        path,
         f"open/read/map {path} (fmt={fmt}, read_only={read_only}, write={write})",
         allow_known=allow_known,
     )
@@ -238,5 +273,5 @@ async def exercise_check(
         return Outcome("ok", f"corruptions={report.corruptions} leaks={report.leaks}", 0)
 
     return await _bounded(
-        run, f"check {path} (fmt={fmt}, repair={repair})", allow_known=allow_known
+        run, path, f"check {path} (fmt={fmt}, repair={repair})", allow_known=allow_known
     )

@@ -129,6 +129,7 @@ class ServerConnection:
         self._structured = False
         self._extended = False
         self._meta_contexts: dict[int, str] = {}
+        self._meta_items: tuple[tuple[int, str], ...] | None = None
         self._meta_export: str | None = None
         self._export_size = 0
         self._tx_flags = TxFlag(0)
@@ -157,6 +158,14 @@ class ServerConnection:
     def meta_contexts(self) -> dict[int, str]:
         """Context id -> name, as last settled by SET_META_CONTEXT."""
         return dict(self._meta_contexts)
+
+    @property
+    def meta_context_items(self) -> tuple[tuple[int, str], ...]:
+        """The settled contexts as (id, name) pairs in id order; cheap per request."""
+        items = self._meta_items
+        if items is None:
+            items = self._meta_items = tuple(sorted(self._meta_contexts.items()))
+        return items
 
     @property
     def export_size(self) -> int:
@@ -570,12 +579,14 @@ class ServerConnection:
             self._structured = True
         elif ok and isinstance(pending, ev.OptSetMetaContext):
             self._meta_contexts = dict(self._pending_contexts)
+            self._meta_items = None
             self._meta_export = pending.export_name
         elif ok and isinstance(pending, ev.OptStartTls) and self.buffered:
             raise LocalProtocolError("client sent data before the TLS handshake")
         if isinstance(reply, ev.ExportReply) and isinstance(pending, ev.OptGo | ev.OptExportName):
             if self._meta_export is not None and self._meta_export != pending.name:
                 self._meta_contexts = {}  # contexts were chosen for another export
+                self._meta_items = None
             self._export_size = reply.size
             self._tx_flags = self._effective_flags(reply.transmission_flags)
             self._min_block = reply.minimum_block

@@ -116,6 +116,7 @@ def probe(header: bytes) -> bool:
 
 async def open_image(file: FileBackend, options: OpenOptions) -> Qcow2Driver:
     driver = Qcow2Driver(file, read_only=options.read_only or file.read_only)
+    driver.allowed_dirs = options.allowed_dirs
     try:
         await driver.open(dict(options.settings))
         if driver.needs_repair:
@@ -167,6 +168,8 @@ class Qcow2Driver(FormatDriver):
         super().__init__(file, read_only=read_only)
         self._owns_file = owns_file
         self._settings: dict[str, object] = {}
+        # where an external data file may resolve; None: the image's own directory
+        self.allowed_dirs: tuple[str, ...] | None = None
         self.data_file: FileBackend = file
         self._own_data_file = False
         self._meta = trio.Lock()
@@ -211,7 +214,7 @@ class Qcow2Driver(FormatDriver):
             self._check_open_mode(header)
             header = self.header = await self._clear_unknown_autoclear(header)
         if header.incompatible_features & INCOMPAT_DATA_FILE:
-            await self._open_data_file(settings)
+            await self._open_data_file()
         self.size = header.size
         g = Geometry(
             header.cluster_bits,
@@ -279,19 +282,18 @@ class Qcow2Driver(FormatDriver):
         await self._file.sync()
         return header.with_fields(autoclear_features=kept)
 
-    async def _open_data_file(self, settings: dict[str, object]) -> None:
+    async def _open_data_file(self) -> None:
         from nbdserve.block.chain import resolve_backing_path
         from nbdserve.block.file import FileBackend
 
         name = self.extensions.data_file
         if not name:
             raise InvalidImageError("image needs an external data file but does not name one")
-        image_dir = os.path.dirname(os.path.realpath(self._file.path))
-        dirs = settings.get("backing_dirs")
+        dirs = self.allowed_dirs
         allowed = (
-            [os.path.realpath(str(d)) for d in dirs]
-            if isinstance(dirs, list | tuple)
-            else [image_dir]
+            [os.path.dirname(os.path.realpath(self._file.path))]
+            if dirs is None
+            else [os.path.realpath(d) for d in dirs]
         )
         try:
             path = resolve_backing_path(self._file.path, name, allowed)

@@ -251,6 +251,39 @@ async def test_data_file_outside_allowed_dirs(tmp_path: Path) -> None:
     await open_fvd(inside / "img.fvd", backing_dirs=[str(tmp_path)])
 
 
+async def test_base_symlink_out_of_the_allowed_dir_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    inside = tmp_path / "inside"
+    outside.mkdir()
+    inside.mkdir()
+    make_base(inside / "base.raw", MIB)
+    await make_image(inside / "img.fvd", MIB, "base.raw")
+    await open_fvd(inside / "img.fvd")  # valid while the base is a real file inside
+    make_base(outside / "base.raw", MIB, seed=2)
+    (inside / "base.raw").unlink()
+    (inside / "base.raw").symlink_to(outside / "base.raw")
+    with pytest.raises(BackingChainError, match=r"resolves to .*outside.*outside the allowed"):
+        await open_fvd(inside / "img.fvd")
+
+
+async def test_data_file_symlink_out_of_the_allowed_dir_is_refused(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    inside = tmp_path / "inside"
+    outside.mkdir()
+    inside.mkdir()
+    await make_image(inside / "img.fvd", MIB, data_file="data.raw")
+    await open_fvd(inside / "img.fvd")
+    os.rename(inside / "data.raw", outside / "data.raw")
+    (inside / "data.raw").symlink_to(outside / "data.raw")
+    with pytest.raises(InvalidImageError, match=r"data_file 'data.raw' .* outside the allowed"):
+        await open_fvd(inside / "img.fvd")
+    # a symlink whose target stays inside is fine
+    (inside / "data.raw").unlink()
+    os.rename(outside / "data.raw", inside / "real.raw")
+    (inside / "data.raw").symlink_to("real.raw")
+    await open_fvd(inside / "img.fvd")
+
+
 async def test_missing_data_file(tmp_path: Path) -> None:
     await make_image(tmp_path / "img.fvd", MIB, data_file="data.raw")
     os.unlink(tmp_path / "data.raw")

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
+from nbdserve.block.chain import ChainOptions, open_chain
 from nbdserve.block.file import FileBackend
 from nbdserve.block.formats import OpenOptions
 from nbdserve.block.qcow2 import create_image, open_image
 from nbdserve.block.qcow2.structs import HDR_INCOMPATIBLE_FEATURES
-from nbdserve.errors import InvalidImageError
+from nbdserve.errors import BackingChainError, InvalidImageError
 
 
 async def _make(tmp_path: Path, **opts: str) -> Path:
@@ -105,3 +106,73 @@ async def test_unknown_autoclear_bits_are_cleared_by_a_writer(tmp_path: Path) ->
     with open(path, "rb") as f:
         f.seek(88)
         assert struct.unpack(">Q", f.read(8))[0] == 0
+
+
+# ---- confinement of the files an image names -----------------------------------------
+
+
+def _outside_and_inside(tmp_path: Path) -> tuple[Path, Path]:
+    outside, inside = tmp_path / "outside", tmp_path / "inside"
+    outside.mkdir()
+    inside.mkdir()
+    return outside, inside
+
+
+async def _open_chain(path: Path, **kw: object) -> None:
+    chain = await open_chain(str(path), ChainOptions(fmt="qcow2", read_only=True, **kw))  # type: ignore[arg-type]
+    await chain.aclose()
+
+
+async def test_backing_file_outside_the_allowed_dirs_is_refused(tmp_path: Path) -> None:
+    outside, inside = _outside_and_inside(tmp_path)
+    (outside / "base.raw").write_bytes(b"B" * (1 << 20))
+    await create_image(str(inside / "img.qcow2"), 1 << 20, {}, "../outside/base.raw", "raw")
+    with pytest.raises(BackingChainError, match="outside the allowed directories"):
+        await _open_chain(inside / "img.qcow2")
+    # an absolute name is no way around it
+    await create_image(str(inside / "abs.qcow2"), 1 << 20, {}, str(outside / "base.raw"), "raw")
+    with pytest.raises(BackingChainError, match="outside the allowed directories"):
+        await _open_chain(inside / "abs.qcow2")
+    # the operator may allow the directory
+    await _open_chain(inside / "img.qcow2", backing_dirs=[str(inside), str(outside)])
+
+
+async def test_backing_file_symlink_out_of_the_allowed_dir_is_refused(tmp_path: Path) -> None:
+    outside, inside = _outside_and_inside(tmp_path)
+    (inside / "base.raw").write_bytes(b"B" * (1 << 20))
+    await create_image(str(inside / "img.qcow2"), 1 << 20, {}, "base.raw", "raw")
+    await _open_chain(inside / "img.qcow2")  # valid while the base is a real file inside
+    (outside / "base.raw").write_bytes(b"S" * (1 << 20))
+    (inside / "base.raw").unlink()
+    (inside / "base.raw").symlink_to(outside / "base.raw")
+    with pytest.raises(BackingChainError, match=r"resolves to .*outside.*outside the allowed"):
+        await _open_chain(inside / "img.qcow2")
+
+
+async def test_data_file_symlink_out_of_the_image_dir_is_refused(tmp_path: Path) -> None:
+    outside, inside = _outside_and_inside(tmp_path)
+    path = inside / "img.qcow2"
+    await create_image(str(path), 4 << 20, {"data_file": "img.data"})
+    await _open(path, True)
+    (outside / "secret").write_bytes((inside / "img.data").read_bytes())
+    (inside / "img.data").unlink()
+    (inside / "img.data").symlink_to(outside / "secret")
+    with pytest.raises(InvalidImageError, match="outside"):
+        await _open(path, True)
+    with pytest.raises(InvalidImageError, match="outside"):
+        await _open_chain(path)
+
+
+async def test_data_file_in_a_directory_the_export_allows(tmp_path: Path) -> None:
+    """backing_dirs confines (and permits) a qcow2 data_file as it does an FVD one."""
+    outside, inside = _outside_and_inside(tmp_path)
+    path = inside / "img.qcow2"
+    await create_image(str(path), 4 << 20, {"data_file": str(outside / "img.data")})
+    with pytest.raises(InvalidImageError, match="outside"):
+        await _open_chain(path)
+    await _open_chain(path, backing_dirs=[str(inside), str(outside)])
+    # and a data file next to the image is refused when the export allows only elsewhere
+    own = inside / "own.qcow2"
+    await create_image(str(own), 4 << 20, {"data_file": "own.data"})
+    with pytest.raises(InvalidImageError, match="outside"):
+        await _open_chain(own, backing_dirs=[str(outside)])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import TextIO
@@ -13,17 +13,24 @@ from typing import TextIO
 class Progress:
     """``with Progress(total, "converting") as p: p.advance(n)``.
 
-    Draws at most ten times a second, only on a terminal, so scripts and logs
-    see nothing.
+    Draws at most once per ``interval`` seconds (ten times a second), only on
+    a terminal, so scripts and logs see nothing.
     """
 
     def __init__(
-        self, total: int, label: str, stream: TextIO | None = None, *, enabled: bool | None = None
+        self,
+        total: int,
+        label: str,
+        stream: TextIO | None = None,
+        *,
+        enabled: bool | None = None,
+        interval: float = 0.1,
     ) -> None:
         self.total = max(total, 1)
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = self.stream.isatty() if enabled is None else enabled
+        self.interval = interval
         self.done = 0
         self._last = 0.0
 
@@ -47,7 +54,7 @@ class Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not force and now - self._last < 0.1:
+        if not force and now - self._last < self.interval:
             return
         self._last = now
         fraction = self.done / self.total
@@ -81,3 +88,17 @@ def report(done: int, total: int) -> None:
     if bar is not None and total > 0:
         bar.done = min(bar.total, done * bar.total // total)
         bar._draw()
+
+
+def part(start: int, span: int, total: int) -> Callable[[int, int], None]:
+    """A ``(done, of)`` callback for one stage of a longer operation.
+
+    The stage covers ``[start, start + span)`` of ``total`` units, so an
+    operation made of several walks (FVD's bitmap, then its table) shows one
+    bar that only moves forward.
+    """
+
+    def stage(done: int, of: int) -> None:
+        report(start + span * min(done, of) // max(of, 1), total)
+
+    return stage

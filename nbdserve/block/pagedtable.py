@@ -28,7 +28,7 @@ Design notes
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -84,9 +84,21 @@ class PagedTable:
 
     @classmethod
     async def load(
-        cls, file: FileBackend, offset: int, count: int, dtype: npt.DTypeLike, fill: int
+        cls,
+        file: FileBackend,
+        offset: int,
+        count: int,
+        dtype: npt.DTypeLike,
+        fill: int,
+        *,
+        progress: Callable[[int, int], None] | None = None,
     ) -> PagedTable:
-        """Stream the region at ``offset`` into a new table, keeping non-fill pages."""
+        """Stream the region at ``offset`` into a new table, keeping non-fill pages.
+
+        ``progress(done, nbytes)`` follows the position in the region after each
+        read (skipped holes count as done): loading is most of what a check of a
+        huge parallels or FVD image spends, so that is where its bar moves.
+        """
         table = cls(count, dtype, fill)
         page_size = table.page_entries * table.dtype.itemsize
         nbytes = count * table.dtype.itemsize
@@ -100,6 +112,8 @@ class PagedTable:
                 table.bytes_read += hi - lo
                 table._absorb(lo, memoryview(raw))
                 pos = stop
+                if progress is not None:
+                    progress(hi, nbytes)
         return table
 
     def _pages_to_read(self, file: FileBackend, offset: int, nbytes: int) -> list[tuple[int, int]]:

@@ -54,36 +54,3 @@ def test_progress_draws_on_a_terminal_only() -> None:
     with Progress(100, "copy", pipe) as bar:
         bar.advance(100)
     assert pipe.getvalue() == ""
-
-
-def test_qcow2_check_reports_progress_on_a_terminal(tmp_path: Path) -> None:
-    import subprocess
-
-    import trio
-
-    from nbdserve.block import formats
-    from nbdserve.progress import reporting
-
-    require_tools("qemu-img", "qemu-io")
-    img = tmp_path / "c.qcow2"
-    subprocess.run(
-        ["qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4k", str(img), "64M"],
-        check=True,
-        capture_output=True,
-    )
-    subprocess.run(
-        ["qemu-io", "-f", "qcow2", "-c", "write 0 32M", str(img)], check=True, capture_output=True
-    )
-
-    class Tty(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    tty = Tty()
-    check = formats.load("qcow2").check_image  # type: ignore[attr-defined]
-    with reporting(Progress(1000, "checking", tty)):
-        report = trio.run(check, str(img), None)
-    assert report.exit_status() == 0
-    drawn = tty.getvalue()
-    assert "checking" in drawn
-    assert "100.0%" in drawn

@@ -47,7 +47,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Final, NamedTuple
 
 import trio
@@ -130,16 +130,20 @@ async def read_header(file: FileBackend) -> FvdHeader:
     return header
 
 
-async def load_bitmap(file: FileBackend, header: FvdHeader) -> Bitmap | None:
+async def load_bitmap(
+    file: FileBackend, header: FvdHeader, *, progress: Callable[[int, int], None] | None = None
+) -> Bitmap | None:
     if not header.has_base:
         return None
-    return await Bitmap.load(file, header.bitmap_offset, header.base_block_count)
+    return await Bitmap.load(file, header.bitmap_offset, header.base_block_count, progress=progress)
 
 
-async def load_table(file: FileBackend, header: FvdHeader) -> ChunkTable | None:
+async def load_table(
+    file: FileBackend, header: FvdHeader, *, progress: Callable[[int, int], None] | None = None
+) -> ChunkTable | None:
     if not header.compact:
         return None
-    return await ChunkTable.load(file, header.table_offset, header.chunk_count)
+    return await ChunkTable.load(file, header.table_offset, header.chunk_count, progress=progress)
 
 
 def apply_records(

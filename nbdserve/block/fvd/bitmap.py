@@ -16,6 +16,7 @@ are marked dirty, so write-back covers what changed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
 import numpy as np
@@ -51,10 +52,18 @@ class Bitmap:
         self._nbytes = nbytes
 
     @classmethod
-    async def load(cls, file: FileBackend, offset: int, block_count: int) -> Bitmap:
+    async def load(
+        cls,
+        file: FileBackend,
+        offset: int,
+        block_count: int,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Bitmap:
         """Read the bitmap region (host holes skipped), keeping pages with set bits."""
         nbytes = bitmap_bytes_needed(block_count)
-        return cls(block_count, table=await PagedTable.load(file, offset, nbytes, np.uint8, 0))
+        table = await PagedTable.load(file, offset, nbytes, np.uint8, 0, progress=progress)
+        return cls(block_count, table=table)
 
     # ---- queries --------------------------------------------------------------
 

@@ -28,9 +28,16 @@ from nbdserve.block.file import FileBackend
 from nbdserve.block.fvd import apply_records, load_bitmap, load_table, read_header
 from nbdserve.block.fvd.bitmap import Bitmap
 from nbdserve.block.fvd.journal import Journal, read_journal
-from nbdserve.block.fvd.structs import TABLE_ENTRY_RESERVED_BIT, TABLE_UNALLOCATED, FvdHeader
+from nbdserve.block.fvd.structs import (
+    TABLE_DTYPE,
+    TABLE_ENTRY_RESERVED_BIT,
+    TABLE_UNALLOCATED,
+    FvdHeader,
+    bitmap_bytes_needed,
+)
 from nbdserve.block.fvd.table import ChunkTable
 from nbdserve.errors import InvalidImageError, NotSupportedError
+from nbdserve.progress import part
 
 _MAX_MESSAGES = 20
 
@@ -42,8 +49,7 @@ async def check_fvd(path: str, repair: str | None) -> CheckReport:
     try:
         header = await read_header(file)
         report.image_end_offset = file.size
-        bitmap = await load_bitmap(file, header)
-        table = await load_table(file, header)
+        bitmap, table = await _load(file, header)
         unclean = not header.clean_shutdown
         if unclean:
             report.messages.append("image was not closed cleanly; journal replayed")
@@ -74,6 +80,21 @@ async def check_fvd(path: str, repair: str | None) -> CheckReport:
         if store is not None and store is not file:
             await store.aclose()
         await file.aclose()
+
+
+async def _load(file: FileBackend, header: FvdHeader) -> tuple[Bitmap | None, ChunkTable | None]:
+    """Bitmap and table, with one progress bar over both regions.
+
+    Loading them is the walk that grows with the disk (the table is read
+    through: its unused entries are not zeros); the checks after it are vector
+    work over what is allocated.
+    """
+    bitmap_bytes = bitmap_bytes_needed(header.base_block_count) if header.has_base else 0
+    table_bytes = header.chunk_count * TABLE_DTYPE.itemsize if header.compact else 0
+    total = bitmap_bytes + table_bytes
+    bitmap = await load_bitmap(file, header, progress=part(0, bitmap_bytes, total))
+    table = await load_table(file, header, progress=part(bitmap_bytes, table_bytes, total))
+    return bitmap, table
 
 
 async def _replay(

@@ -17,6 +17,7 @@ data, then :meth:`publish` makes the entry visible (and journals it).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -51,10 +52,19 @@ class ChunkTable:
         self._reserved: set[int] = set()
 
     @classmethod
-    async def load(cls, file: FileBackend, offset: int, chunk_count: int) -> ChunkTable:
+    async def load(
+        cls,
+        file: FileBackend,
+        offset: int,
+        chunk_count: int,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> ChunkTable:
         """Read the table region (all of it: 0xFFFFFFFF pages cannot be skipped as
         host holes), keeping only pages that map chunks."""
-        table = await PagedTable.load(file, offset, chunk_count, TABLE_DTYPE, TABLE_UNALLOCATED)
+        table = await PagedTable.load(
+            file, offset, chunk_count, TABLE_DTYPE, TABLE_UNALLOCATED, progress=progress
+        )
         return cls(chunk_count, table=table)
 
     def allocated(self) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.uint32]]:

@@ -41,7 +41,7 @@ synchronous, hence atomic between trio checkpoints, and need no lock.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -704,14 +704,16 @@ async def open_image(file: FileBackend, options: OpenOptions) -> ParallelsDriver
     return driver
 
 
-async def read_metadata(file: FileBackend) -> tuple[ParallelsHeader, Geometry, BatTable]:
-    """Header, validated geometry and the BAT of an image."""
+async def read_metadata(
+    file: FileBackend, *, progress: Callable[[int, int], None] | None = None
+) -> tuple[ParallelsHeader, Geometry, BatTable]:
+    """Header, validated geometry and the BAT of an image (``progress`` follows the BAT)."""
     raw = bytes(await file.pread(0, HEADER_SIZE))
     if file.size < HEADER_SIZE:
         raise InvalidImageError(f"not a parallels image: file is only {file.size} bytes")
     header = ParallelsHeader.from_bytes(raw)
     geometry = geometry_of(header, file.size)
-    return header, geometry, await BatTable.load(file, geometry)
+    return header, geometry, await BatTable.load(file, geometry, progress=progress)
 
 
 def _refuse_unsafe_writes(

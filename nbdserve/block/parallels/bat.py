@@ -24,6 +24,7 @@ Design notes
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -88,9 +89,17 @@ class BatTable:
         self._step = self.cluster_size // self.unit
 
     @classmethod
-    async def load(cls, file: FileBackend, geometry: Geometry) -> BatTable:
+    async def load(
+        cls,
+        file: FileBackend,
+        geometry: Geometry,
+        *,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> BatTable:
         """Read the BAT region (holes skipped), keeping the pages that map clusters."""
-        table = await PagedTable.load(file, HEADER_SIZE, geometry.bat_entries, BAT_DTYPE, 0)
+        table = await PagedTable.load(
+            file, HEADER_SIZE, geometry.bat_entries, BAT_DTYPE, 0, progress=progress
+        )
         return cls(geometry, table)
 
     @classmethod

@@ -409,29 +409,57 @@ async def test_concurrent_writers_respect_the_cache_bound(tmp_path: Path) -> Non
     assert await _read_back(path, size) == b"".join(chunks)
 
 
-async def test_compression_runs_off_the_event_loop(tmp_path: Path) -> None:
-    """While a big compressed write is being compressed, other tasks keep running."""
-    cs = 2 * MiB
-    path = await _image(tmp_path, 16 * cs, cluster_size="2M")
-    data = compressible(random.Random(10), 8 * cs)
+async def test_compression_runs_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each cluster's compression waits until a trio task, which can only run while the
+    event loop is free, lets it go: inline compression would time out the wait.  The
+    compressing thread is recorded too, and must not be the trio thread."""
+    import threading
+
+    from nbdserve.block.qcow2 import compress as compress_module
+
+    cs = 256 * 1024
+    path = await _image(tmp_path, 16 * cs, cluster_size="256K")
+    data = compressible(random.Random(10), 4 * cs)
+    trio_thread = threading.get_ident()
+    started = threading.Event()
+    release = threading.Event()
+    threads: list[int] = []
+    blocked_loop: list[int] = []
+    real = compress_module.compress_cluster
+
+    def observed(*args: Any, **kwargs: Any) -> bytes | None:
+        threads.append(threading.get_ident())
+        started.set()
+        if not release.wait(timeout=2.0):  # nobody on the event loop could answer
+            blocked_loop.append(len(threads))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compress_module, "compress_cluster", observed)
     dev, chain = await _open(path, compress_threads=1)
-    ticks = 0
+    ticks_while_compressing = 0
     try:
         async with trio.open_nursery() as nursery:
 
-            async def ticker() -> None:
-                nonlocal ticks
+            async def releaser() -> None:
+                nonlocal ticks_while_compressing
                 while True:
-                    ticks += 1
-                    await trio.lowlevel.checkpoint()
+                    if started.is_set():
+                        ticks_while_compressing += 1
+                        release.set()
+                    await trio.sleep(0.001)
 
-            nursery.start_soon(ticker)
+            nursery.start_soon(releaser)
             await dev.write(0, data)
             nursery.cancel_scope.cancel()
-        assert ticks > 50
     finally:
         await chain.aclose()
-    assert await _read_back(path, 8 * cs) == data
+    assert len(threads) == 4
+    assert blocked_loop == [], "compression blocked the event loop"
+    assert trio_thread not in threads
+    assert ticks_while_compressing > 0
+    assert await _read_back(path, 4 * cs) == data
 
 
 async def test_external_data_files_refuse_compress(tmp_path: Path) -> None:

@@ -7,11 +7,14 @@ names the file and key.  No I/O besides reading the file.
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from nbdserve.errors import ConfigError
@@ -42,6 +45,7 @@ class ExportConfig:
     allow: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, f"export {self.name!r}")
         if self.cache not in ("writeback", "none"):
             raise ConfigError(f"export {self.name!r}: cache must be writeback or none")
         if self.allow is not None:
@@ -87,22 +91,115 @@ class ServerConfig:
     tls_psk_file: str | None = None
 
     def __post_init__(self) -> None:
+        check_fields(self, "[server]")
         if not self.exports:
             raise ConfigError("no exports configured")
         names = [e.name for e in self.exports]
         dupes = {n for n in names if names.count(n) > 1}
         if dupes:
             raise ConfigError(f"duplicate export names: {', '.join(sorted(dupes))}")
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"port {self.port} out of range")
         if self.bind is None and self.socket is None:
             raise ConfigError("nothing to listen on: give a TCP address or a socket")
-        if self.max_inflight < 1 or self.max_connections < 1:
-            raise ConfigError("max_inflight and max_connections must be at least 1")
         if self.tls not in ("off", "on", "require"):
             raise ConfigError(f"tls must be off, on or require, not {self.tls!r}")
         if any(e.tls_required for e in self.exports) and self.tls == "off":
             raise ConfigError("an export has tls_required but tls is off")
+
+
+# Allowed ranges of numeric settings (inclusive) and how they are told to the
+# user; check_fields derives the types from the dataclass annotations.  A key
+# missing here is type-checked only.
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "shared": (0, math.inf, ">= 0"),  # 0 = unlimited
+    "max_chain_depth": (0, math.inf, ">= 0"),  # 0 = no backing files
+    "port": (0, 65535, "in 0..65535"),  # 0 = any free port
+    "max_connections": (1, math.inf, ">= 1"),
+    "max_inflight": (1, math.inf, ">= 1"),
+    "max_inflight_bytes": (1, math.inf, ">= 1"),
+    # the smallest float above 0: a zero timeout would refuse every client
+    "handshake_timeout": (math.ulp(0.0), math.inf, "> 0"),
+    "shutdown_grace": (0, math.inf, ">= 0"),
+}
+
+
+_FIELD_TYPES: dict[type, dict[str, Any]] = {}
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    """Setting name -> annotation (resolved once per class; ``exports`` is checked apart)."""
+    if cls not in _FIELD_TYPES:
+        hints = typing.get_type_hints(cls)
+        _FIELD_TYPES[cls] = {f.name: hints[f.name] for f in fields(cls) if f.name != "exports"}
+    return _FIELD_TYPES[cls]
+
+
+def _expected(hint: Any) -> str:
+    """How a value of type ``hint`` is described to the user."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (types.UnionType, typing.Union) and type(None) in args:
+        (inner,) = (a for a in args if a is not type(None))
+        return _expected(inner)
+    names = {bool: "a boolean (true or false)", int: "an integer", float: "a number"}
+    if hint in names:
+        return names[hint]
+    if hint is str:
+        return "a string"
+    if typing.get_origin(hint) is tuple:
+        return "a list of strings"
+    return "a table"
+
+
+def _type_ok(value: object, hint: Any) -> bool:
+    """Whether ``value`` (from TOML or Python) fits the annotation ``hint``.
+
+    bool is an int subclass in Python, so it is excluded from int and float
+    explicitly: ``shared = true`` must not mean one connection.
+    """
+    origin = typing.get_origin(hint)
+    if origin in (types.UnionType, typing.Union):
+        return any(_type_ok(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin is tuple:  # tuple[str, ...]; a TOML array arrives as a list
+        return isinstance(value, list | tuple) and all(isinstance(v, str) for v in value)
+    if origin is Mapping or hint is Mapping:
+        return isinstance(value, Mapping)
+    return True  # a type this checker does not know: left to the consumer
+
+
+def check_value(table: str, key: str, value: object, hint: Any) -> None:
+    """Raise ConfigError naming ``table`` and ``key`` unless ``value`` fits."""
+    if not _type_ok(value, hint):
+        raise ConfigError(f"{table}: {key!r} must be {_expected(hint)}, not {value!r}")
+    if key in _RANGES and value is not None:
+        low, high, text = _RANGES[key]
+        assert isinstance(value, int | float)
+        if not low <= value <= high:  # also refuses NaN
+            raise ConfigError(
+                f"{table}: {key!r} must be {_expected(hint)} {text}, not {value!r} (out of range)"
+            )
+
+
+def check_fields(obj: object, table: str) -> None:
+    """Type- and range-check every setting of a config dataclass instance."""
+    for key, hint in _field_types(type(obj)).items():
+        check_value(table, key, getattr(obj, key), hint)
+
+
+def _check_mapping(cls: type, raw: Mapping[str, Any], table: str) -> None:
+    """The same checks on a TOML table, before any value is converted."""
+    hints = _field_types(cls)
+    for key, value in raw.items():
+        if key in hints:
+            check_value(table, key, value, hints[key])
 
 
 _EXPORT_KEYS = {
@@ -154,10 +251,14 @@ def config_from_mapping(data: Mapping[str, Any], *, origin: str = "config") -> S
     unknown = set(data) - {"server", "export"}
     if unknown:
         raise ConfigError(f"{origin}: unknown top-level keys {sorted(unknown)}")
-    server = dict(data.get("server", {}))
+    raw_server = data.get("server", {})
+    if not isinstance(raw_server, Mapping):
+        raise ConfigError(f"{origin}: 'server' must be a table ([server])")
+    server = dict(raw_server)
     bad = set(server) - _SERVER_KEYS
     if bad:
         raise ConfigError(f"{origin}: unknown [server] keys {sorted(bad)}")
+    _check_mapping(ServerConfig, server, f"{origin}: [server]")
     raw_exports = data.get("export", [])
     if not isinstance(raw_exports, list):
         raise ConfigError(f"{origin}: 'export' must be an array of tables ([[export]])")
@@ -181,11 +282,12 @@ def _export_from(raw: Any, index: int, origin: str, base_dir: str) -> ExportConf
         raise ConfigError(f"{where}: unknown keys {sorted(bad)}")
     if "path" not in raw:
         raise ConfigError(f"{where}: 'path' is required")
+    _check_mapping(ExportConfig, raw, where)
     values = dict(raw)
     values.setdefault("name", "")
-    if not isinstance(values["name"], str) or not _EXPORT_NAME_RE.match(values["name"]):
+    if not _EXPORT_NAME_RE.match(values["name"]):
         raise ConfigError(f"{where}: bad export name")
-    path = str(values["path"])
+    path = values["path"]
     values["path"] = path if os.path.isabs(path) else os.path.join(base_dir, path)
     if values.get("backing_dirs") is not None:
         values["backing_dirs"] = tuple(
@@ -193,9 +295,6 @@ def _export_from(raw: Any, index: int, origin: str, base_dir: str) -> ExportConf
         )
     if values.get("allow") is not None:
         values["allow"] = tuple(values["allow"])
-    settings = values.get("settings", {})
-    if not isinstance(settings, dict):
-        raise ConfigError(f"{where}: 'settings' must be a table")
     try:
         return ExportConfig(**values)
     except TypeError as exc:

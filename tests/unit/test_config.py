@@ -11,6 +11,7 @@ import pytest
 from nbdserve.config import ExportConfig, ServerConfig, config_from_mapping, load_config
 from nbdserve.errors import ConfigError
 
+
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nbdserve", "serve", *args],

@@ -259,6 +259,9 @@ def config_from_mapping(data: Mapping[str, Any], *, origin: str = "config") -> S
     if bad:
         raise ConfigError(f"{origin}: unknown [server] keys {sorted(bad)}")
     _check_mapping(ServerConfig, server, f"{origin}: [server]")
+    if "socket" in server and "bind" not in server and "port" not in server:
+        # TOML has no null to say "no TCP": a socket alone means Unix only
+        server["bind"] = None
     raw_exports = data.get("export", [])
     if not isinstance(raw_exports, list):
         raise ConfigError(f"{origin}: 'export' must be an array of tables ([[export]])")

@@ -1,7 +1,10 @@
-"""Config files as the real CLI reads them: every key type- and range-checked."""
+"""Config files as the real CLI reads them: every key type- and range-checked,
+and a ``socket`` without ``bind``/``port`` meaning a Unix socket only."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,6 +13,10 @@ import pytest
 
 from nbdserve.config import ExportConfig, ServerConfig, config_from_mapping, load_config
 from nbdserve.errors import ConfigError
+from tests.conftest import require_tools
+from tests.helpers.server import server_process
+
+_TCP_LISTEN = "0A"  # st column of /proc/net/tcp{,6}: TCP_LISTEN
 
 
 def _serve(*args: str) -> subprocess.CompletedProcess[str]:
@@ -134,3 +141,68 @@ def test_good_values_of_every_type_are_accepted() -> None:
     assert config.handshake_timeout == 5
     assert config.exports[0].read_only is False
     assert config.exports[0].allow == ("unix", "10.0.0.0/8")
+
+
+@pytest.mark.parametrize(
+    ("server", "bind", "port"),
+    [
+        ({"socket": "/s"}, None, 10809),  # Unix only
+        ({"socket": "/s", "port": 0}, "127.0.0.1", 0),  # a port asks for TCP too
+        ({"socket": "/s", "bind": "::1"}, "::1", 10809),
+        ({}, "127.0.0.1", 10809),  # no socket: the default TCP listener
+    ],
+)
+def test_socket_without_bind_or_port_means_unix_only(
+    server: dict[str, object], bind: str | None, port: int
+) -> None:
+    config = config_from_mapping({"server": server, "export": [{"path": "/x"}]})
+    assert (config.bind, config.port) == (bind, port)
+
+
+def _tcp_listening_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                cols = line.split()
+                if cols[3] == _TCP_LISTEN:
+                    inodes.add(cols[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    out = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            out.add(target[len("socket:[") : -1])
+    return out
+
+
+def test_config_with_only_a_socket_serves_unix_only(tmp_path: Path) -> None:
+    require_tools("nbdinfo")
+    sock = tmp_path / "nbd.sock"
+    cfg = _write_config(tmp_path, 'socket = "nbd.sock"', "")  # relative to the file
+    with server_process(["serve", "--config", str(cfg)], socket_path=str(sock)) as proc:
+        tcp = _socket_inodes(proc.pid) & _tcp_listening_inodes()
+        assert not tcp, "the server listens on TCP although the config gave only a socket"
+        out = subprocess.run(
+            ["nbdinfo", "--json", f"nbd+unix:///d?socket={sock}"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+    assert json.loads(out.stdout)["exports"][0]["export-size"] == 65536
+
+
+def test_the_tcp_check_can_fail(tmp_path: Path) -> None:
+    """With a port given, the same probe must see the TCP listener."""
+    sock = tmp_path / "nbd.sock"
+    cfg = _write_config(tmp_path, 'socket = "nbd.sock"\nport = 0', "")
+    with server_process(["serve", "--config", str(cfg)], socket_path=str(sock)) as proc:
+        assert _socket_inodes(proc.pid) & _tcp_listening_inodes()

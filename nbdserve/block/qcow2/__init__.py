@@ -108,6 +108,9 @@ COMPRESSED_CACHE_ENTRIES = 4
 STATUS_MAX_TABLES = 64
 # decompress in a thread above this cluster size
 INLINE_DECOMPRESS_MAX = 256 * 1024
+# zstd window accepted for a compressed cluster larger than the cluster (see
+# _zstd_decompress_bounded)
+ZSTD_MAX_WINDOW = 8 * 1024 * 1024
 
 
 def probe(header: bytes) -> bool:
@@ -125,6 +128,28 @@ async def open_image(file: FileBackend, options: OpenOptions) -> Qcow2Driver:
         await driver.close_files()
         raise
     return driver
+
+
+def _zstd_decompress_bounded(raw: bytes, cluster_size: int) -> bytes:
+    """The first zstd frame of ``raw``, at most ``cluster_size + 1`` bytes of it.
+
+    An image is untrusted: a tiny frame may declare gigabytes of content, and
+    ``decompressobj().decompress`` (or ``decompress(max_output_size=)``, which
+    trusts the frame's content size) would allocate all of it.  A stream
+    reader's ``read(n)`` never returns more than ``n`` bytes, and one byte
+    beyond the cluster tells the caller the frame is too long (QEMU's
+    qcow2_zstd_decompress fails such a cluster with EIO too).  It stops at the
+    end of the frame, so the padding after it in the extent is not read.  The
+    window limit bounds zstd's own buffer: a frame for one cluster never needs
+    more than the cluster, or what a compressor writing without a known size
+    uses (8 MiB up to level 19).
+    """
+    import zstandard
+
+    window = max(cluster_size, ZSTD_MAX_WINDOW)
+    reader = zstandard.ZstdDecompressor(max_window_size=window).stream_reader(raw)
+    with reader:
+        return bytes(reader.read(cluster_size + 1))
 
 
 def _check_table_overlaps(header: Qcow2Header) -> None:
@@ -547,10 +572,7 @@ class Qcow2Driver(FormatDriver):
         cs = self.header.cluster_size
         try:
             if self.header.compression_type == COMPRESSION_ZSTD:
-                import zstandard
-
-                dobj = zstandard.ZstdDecompressor().decompressobj()
-                data = dobj.decompress(raw)
+                data = _zstd_decompress_bounded(raw, cs)
             else:
                 d = zlib.decompressobj(-12)
                 data = d.decompress(raw, cs)
@@ -558,11 +580,12 @@ class Qcow2Driver(FormatDriver):
             raise CorruptImageError(
                 f"compressed cluster at {host:#x} does not decompress: {exc}"
             ) from None
-        if len(data) < cs:
+        if len(data) != cs:
+            more = "more than" if len(data) > cs else f"{len(data)} bytes, not"
             raise CorruptImageError(
-                f"compressed cluster at {host:#x} decompresses to {len(data)} bytes, not {cs}"
+                f"compressed cluster at {host:#x} decompresses to {more} {cs} bytes"
             )
-        return data[:cs]
+        return data
 
     # ---- block status ---------------------------------------------------------------------
 

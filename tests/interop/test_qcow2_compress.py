@@ -181,7 +181,8 @@ async def test_without_the_write_cache(tmp_path: Path) -> None:
 
 async def test_a_tiny_write_cache_under_many_parallel_requests(tmp_path: Path) -> None:
     """Two cached host clusters for four connections with many requests each: writers
-    wait for room and the cache recovers; data and refcounts stay right."""
+    hit the bound before any FLUSH (and make room or wait for it), the cache never
+    holds more than two active clusters, and it recovers; data and refcounts stay right."""
     require_tools("qemu-img", "nbdcopy")
     cache = "none" if _direct_supported(tmp_path) else "writeback"
     rng = random.Random(4)
@@ -189,21 +190,51 @@ async def test_a_tiny_write_cache_under_many_parallel_requests(tmp_path: Path) -
     await _create(img, "zstd")
     model = source_image(rng)
     (tmp_path / "src.raw").write_bytes(model)
-    settings = {"compress": True, "compress_cache_size": 1}
+    settings = {"compress": True, "compress_cache_size": 1}  # rounds up to 2 clusters
     async with running_server(
         export(img, "d", format="qcow2", cache=cache, settings=settings)
     ) as srv:
-        await run(
-            "nbdcopy", "--connections=4", "--requests=32", "--request-size=65536",
-            tmp_path / "src.raw", uri(srv, "d"),
-        )  # fmt: skip
         top = srv.registry.lookup("d").chain.top  # type: ignore[union-attr]
         assert isinstance(top, Qcow2Driver)
-        stats = top.statistics().extra
+        assert top._compress is not None
+        wcache = top._compress.cache
+        assert wcache is not None
+        highest = 0
+        bound_hits = 0  # make_room calls that found the cache at its bound
+        before_flush: dict[str, int] | None = None
+        append, make_room, flush = wcache.append, wcache.make_room, top.flush
+
+        def watched_append(host: int, data: bytes) -> None:
+            nonlocal highest
+            append(host, data)
+            highest = max(highest, wcache.active_count)
+
+        async def watched_make_room(new_active: int) -> None:
+            nonlocal bound_hits
+            if not wcache.has_room(new_active):
+                bound_hits += 1
+            await make_room(new_active)
+
+        async def watched_flush() -> None:
+            nonlocal before_flush
+            if before_flush is None:
+                before_flush = {**top.statistics().extra, "bound_hits": bound_hits}
+            await flush()
+
+        wcache.append = watched_append  # type: ignore[method-assign,assignment]
+        wcache.make_room = watched_make_room  # type: ignore[method-assign]
+        top.flush = watched_flush  # type: ignore[method-assign]
+        await run(
+            "nbdcopy", "--connections=4", "--requests=32", "--request-size=65536", "--flush",
+            tmp_path / "src.raw", uri(srv, "d"),
+        )  # fmt: skip
+        assert before_flush is not None, "nbdcopy sent no FLUSH"
         # the bound was reached and recovered from: then a second pass still works
         await run("nbdcopy", "--connections=4", tmp_path / "src.raw", uri(srv, "d"))
-    assert stats["compress_cache_room_waits"] + stats["compress_cache_partial_writes"] > 0
-    assert stats["compress_cache_active"] <= 2
+    print(f"tiny write cache: before the first FLUSH {before_flush}, highest active {highest}")
+    assert before_flush["bound_hits"] > 0, before_flush
+    assert before_flush["compress_cache_room_waits"] > 0, before_flush
+    assert highest == 2
     await assert_compressed_and_equal(img, model, tmp_path)
 
 

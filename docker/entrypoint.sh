@@ -2,10 +2,11 @@
 # nbdserve container entry point.
 #
 #   (no arguments)        serve the exports of $NBDSERVE_CONFIG on $NBDSERVE_BIND:$NBDSERVE_PORT
-#   --allow 10.0.0.0/8 --max-connections 64 ...
-#                         the same, with these options added to `nbdserve serve`
-#                         (options of `nbdserve` itself, like -v, come before `serve`:
-#                         run `nbdserve -v serve --config ...` as a command instead)
+#   --max-connections 64 --log-format json -v ...
+#                         the same, with these options added to `nbdserve serve`: server-wide
+#                         ones (limits, --tls*, --metrics, logging) override the [server]
+#                         table; per-export ones (--allow, -r, ...) are refused, as with any
+#                         --config: set `allow`, `read_only`, ... on the export in the file
 #   nbdserve img info /exports/vm1.qcow2, sh, ...
 #                         run that command instead (a first argument not starting with "-")
 #

@@ -28,13 +28,20 @@ from nbdserve.errors import ConfigError, NbdServeError
 LOGGER = logging.getLogger("nbdserve")
 
 
+class UsageError(NbdServeError):
+    """Options that contradict each other: exit status 2, as argparse gives."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    setup_logging(args.verbose - args.quiet, getattr(args, "log_format", "text"))
+    setup_logging(*_log_settings(args))
     try:
         result: int = args.func(args)
         return result
+    except UsageError as exc:
+        print(f"nbdserve {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except (NbdServeError, OSError) as exc:
         print(f"nbdserve: error: {exc}", file=sys.stderr)
         return 1
@@ -65,17 +72,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="nbdserve", description="Serve disk images over the NBD protocol."
     )
     parser.add_argument("--version", action="version", version=f"nbdserve {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("-q", "--quiet", action="count", default=0, help="less logging")
-    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    _add_log_options(parser, "")
     sub = parser.add_subparsers(dest="command", required=True)
+    # the server commands take the log options after their name too, as the README
+    # shows them; separate dests, so `-v serve -v` counts twice instead of once
+    server_log_options = argparse.ArgumentParser(add_help=False)
+    _add_log_options(server_log_options, "sub_")
 
-    serve = sub.add_parser("serve", help="serve one image or the exports of a config file")
+    serve = sub.add_parser(
+        "serve",
+        parents=[server_log_options],
+        help="serve one image or the exports of a config file",
+        epilog="With --config, the server-wide options given here (listener, limits, TLS, "
+        "metrics) override the file's [server] values; the per-export options are for a "
+        "single IMAGE and are refused with --config.",
+    )
     serve.add_argument("image", nargs="?", help="image file to export")
     serve.add_argument("--config", help="TOML file describing the exports and listeners")
     serve.add_argument("-f", "--format", help="image format (default: probe)")
-    serve.add_argument("-x", "--export", default="", help="export name (default: empty)")
-    serve.add_argument("-D", "--description", default="", help="export description")
+    serve.add_argument("-x", "--export", default=None, help="export name (default: empty)")
+    serve.add_argument("-D", "--description", default=None, help="export description")
     serve.add_argument("-b", "--bind", default=None, help=f"TCP address (default {DEFAULT_BIND})")
     serve.add_argument(
         "-p", "--port", type=int, default=None, help=f"TCP port (default {DEFAULT_PORT}; 0 = any)"
@@ -86,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-e",
         "--shared",
         type=int,
-        default=0,
+        default=None,
         help="maximum simultaneous clients per export (default 0 = unlimited)",
     )
     serve.add_argument(
@@ -98,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--cache",
         choices=["writeback", "none"],
-        default="writeback",
+        default=None,
         help="host page cache use: writeback (default) or none (O_DIRECT)",
     )
     serve.add_argument("--compress", action="store_true", help="qcow2: store writes compressed")
@@ -110,7 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse images whose format cannot be recognised",
     )
-    serve.add_argument("--max-connections", type=int, default=None)
+    serve.add_argument(
+        "--max-connections", type=int, default=None, help="clients at once (default 1024)"
+    )
     serve.add_argument(
         "--allow",
         action="append",
@@ -144,7 +162,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--pid-file", help="write the server's PID here once listening")
     serve.set_defaults(func=cmd_serve)
 
-    demo = sub.add_parser("demo", help="serve a small built-in demo image")
+    demo = sub.add_parser(
+        "demo", parents=[server_log_options], help="serve a small built-in demo image"
+    )
     demo.add_argument("-b", "--bind", default=DEFAULT_BIND)
     demo.add_argument("-p", "--port", type=int, default=DEFAULT_PORT)
     demo.set_defaults(func=cmd_demo)
@@ -153,6 +173,43 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_img_parser(sub)
     return parser
+
+
+def _add_log_options(parser: argparse.ArgumentParser, prefix: str) -> None:
+    # the subcommand's copies default to SUPPRESS: absent, they leave the top level's alone
+    count_default: object = argparse.SUPPRESS if prefix else 0
+    format_default = argparse.SUPPRESS if prefix else "text"
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        dest=f"{prefix}verbose",
+        action="count",
+        default=count_default,
+        help="more logging",
+    )
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        dest=f"{prefix}quiet",
+        action="count",
+        default=count_default,
+        help="less logging",
+    )
+    parser.add_argument(
+        "--log-format",
+        dest=f"{prefix}log_format",
+        choices=["text", "json"],
+        default=format_default,
+        help="key=value lines (text, default) or one JSON object per line",
+    )
+
+
+def _log_settings(args: argparse.Namespace) -> tuple[int, str]:
+    """Verbosity and format from the options before and after the subcommand."""
+    verbosity = (
+        args.verbose + getattr(args, "sub_verbose", 0) - args.quiet - getattr(args, "sub_quiet", 0)
+    )
+    return verbosity, getattr(args, "sub_log_format", args.log_format)
 
 
 class _KeyValueFormatter(logging.Formatter):
@@ -192,57 +249,92 @@ def setup_logging(verbosity: int, fmt: str = "text") -> None:
     root.setLevel(level)
 
 
+# serve options that describe the one export made from IMAGE: with --config the
+# file's [[export]] tables say all that, and silently dropping them would serve
+# something other than what the command line asked for
+_EXPORT_OPTIONS = (
+    ("format", "-f/--format"),
+    ("export", "-x/--export"),
+    ("description", "-D/--description"),
+    ("read_only", "-r/--read-only"),
+    ("shared", "-e/--shared"),
+    ("backing_dir", "--backing-dir"),
+    ("cache", "--cache"),
+    ("compress", "--compress"),
+    ("no_locking", "--no-locking"),
+    ("no_probe_raw", "--no-probe-raw"),
+    ("allow", "--allow"),
+)
+
+
 def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.config:
-        if args.image:
-            raise ConfigError("give either an IMAGE or --config, not both")
-        config = load_config(args.config)
-        overrides: dict[str, object] = {}
-        if args.bind is not None:
-            overrides["bind"] = args.bind
-        if args.port is not None:
-            overrides["port"] = args.port
-        if args.socket is not None:
-            overrides["socket"] = args.socket
-        overrides.update(_tls_args(args))
-        if args.metrics:
-            overrides["metrics"] = args.metrics
-        if overrides:
-            from dataclasses import replace
-
-            config = replace(config, **overrides)  # type: ignore[arg-type]
-        return config
+        return _config_file_with_overrides(args)
     if not args.image:
-        raise ConfigError("nothing to serve: give an IMAGE or --config FILE")
+        raise UsageError("nothing to serve: give an IMAGE or --config FILE")
     if not os.path.exists(args.image):
         raise ConfigError(f"image {args.image} does not exist")
     export = ExportConfig(
-        name=args.export,
+        name=args.export or "",
         path=os.path.abspath(args.image),
         format=args.format,
         read_only=args.read_only,
-        description=args.description,
-        shared=args.shared,
+        description=args.description or "",
+        shared=args.shared or 0,
         backing_dirs=tuple(args.backing_dir) if args.backing_dir else None,
         probe_raw=not args.no_probe_raw,
         allow=tuple(args.allow) if args.allow else None,
         locking=not args.no_locking,
-        cache=args.cache,
+        cache=args.cache or "writeback",
         settings={"compress": True} if args.compress else {},
     )
     bind = None if args.socket and args.bind is None else (args.bind or DEFAULT_BIND)
-    kwargs: dict[str, object] = _tls_args(args)
-    if args.metrics:
-        kwargs["metrics"] = args.metrics
-    if args.max_connections is not None:
-        kwargs["max_connections"] = args.max_connections
     return ServerConfig(
         exports=(export,),
         bind=bind,
         port=DEFAULT_PORT if args.port is None else args.port,
         socket=args.socket,
-        **kwargs,  # type: ignore[arg-type]
+        **_server_args(args),  # type: ignore[arg-type]
     )
+
+
+def _config_file_with_overrides(args: argparse.Namespace) -> ServerConfig:
+    """The config file, with the server-wide options given on the command line
+    taking precedence over its [server] table (as nbdkit's and qemu-nbd's do)."""
+    if args.image:
+        raise UsageError("give either an IMAGE or --config, not both")
+    for dest, flag in _EXPORT_OPTIONS:
+        value = getattr(args, dest)
+        # identity, not ==: "--shared 0" is given, though 0 == False
+        if value is not None and value is not False:
+            raise UsageError(
+                f"{flag} applies to a single IMAGE; with --config set it per export "
+                f"in {args.config}"
+            )
+    config = load_config(args.config)
+    overrides = _server_args(args)
+    if args.bind is not None:
+        overrides["bind"] = args.bind
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.socket is not None:
+        overrides["socket"] = args.socket
+    if not overrides:
+        return config
+    from dataclasses import replace
+
+    # replace() re-runs the validation in ServerConfig.__post_init__
+    return replace(config, **overrides)  # type: ignore[arg-type]
+
+
+def _server_args(args: argparse.Namespace) -> dict[str, object]:
+    """Server-wide settings given on the command line, besides the listener."""
+    out = _tls_args(args)
+    if args.metrics:
+        out["metrics"] = args.metrics
+    if args.max_connections is not None:
+        out["max_connections"] = args.max_connections
+    return out
 
 
 def _tls_args(args: argparse.Namespace) -> dict[str, object]:

@@ -86,11 +86,16 @@ def server_process(
     port: int | None = None,
     socket_path: str | None = None,
     timeout: float = 20,
+    log_path: Path | None = None,
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """``python -m nbdserve serve ARGS`` as a child; waits until it listens."""
+    """``python -m nbdserve ARGS`` as a child; waits until it listens.
+
+    Its output goes to ``log_path`` when given (for tests that read the log),
+    else to a temporary file shown if the server fails to start.
+    """
     cmd = [sys.executable, "-m", "nbdserve", *args]
-    # a file, not a pipe: a chatty server never blocks on a full pipe
-    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed in the finally below
+    # a file, not a pipe: a chatty server never blocks on a full pipe (closed below)
+    log = _open_log(log_path)
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_listening(proc, port, socket_path, timeout, log)
@@ -104,6 +109,12 @@ def server_process(
                 proc.kill()
                 proc.wait()
         log.close()
+
+
+def _open_log(log_path: Path | None) -> IO[bytes]:
+    if log_path is not None:
+        return open(log_path, "w+b")
+    return tempfile.TemporaryFile()
 
 
 def _wait_listening(

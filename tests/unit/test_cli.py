@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -150,3 +152,147 @@ def test_bad_configs_are_refused_clearly(data: dict[str, object], needle: str) -
     with pytest.raises(ConfigError, match=None) as exc:
         config_from_mapping(data)
     assert needle in str(exc.value)
+
+
+# ---- command line and --config -----------------------------------------------------
+
+
+def _config_for(tmp_path: Path, image: Path, server: str = "") -> Path:
+    cfg = tmp_path / "exports.toml"
+    cfg.write_text(f'[server]\n{server}\n[[export]]\nname = "disk"\npath = "{image}"\n')
+    return cfg
+
+
+def _raw_image(tmp_path: Path, size: int = 1 << 20) -> Path:
+    img = tmp_path / "disk.raw"
+    img.write_bytes(bytes(size))
+    return img
+
+
+@pytest.mark.parametrize(
+    ("option", "named"),
+    [
+        (["-r"], "-r/--read-only"),
+        (["--read-only"], "-r/--read-only"),
+        (["--allow", "10.0.0.0/8"], "--allow"),
+        (["--no-locking"], "--no-locking"),
+        (["-f", "raw"], "-f/--format"),
+        (["--cache", "none"], "--cache"),
+        (["--cache", "writeback"], "--cache"),
+        (["--compress"], "--compress"),
+        (["-e", "1"], "-e/--shared"),
+        (["--shared", "0"], "-e/--shared"),
+        (["-x", "vm"], "-x/--export"),
+        (["--export", ""], "-x/--export"),
+        (["-D", "text"], "-D/--description"),
+        (["--backing-dir", "/tmp"], "--backing-dir"),
+        (["--no-probe-raw"], "--no-probe-raw"),
+    ],
+)
+def test_per_export_options_with_config_are_refused(
+    tmp_path: Path, option: list[str], named: str
+) -> None:
+    # even an option given with its default value: the user asked for something the
+    # config file's exports would not get
+    cfg = _config_for(tmp_path, _raw_image(tmp_path))
+    result = _nbdserve("serve", "--config", str(cfg), *option)
+    assert result.returncode == 2, result
+    assert named in result.stderr
+    assert "--config" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_image_and_config_together_are_a_usage_error(tmp_path: Path) -> None:
+    img = _raw_image(tmp_path)
+    result = _nbdserve("serve", "--config", str(_config_for(tmp_path, img)), str(img))
+    assert result.returncode == 2
+    assert "not both" in result.stderr
+
+
+def _held_connection(port: int) -> socket.socket:
+    """A greeted connection, left in the handshake: it holds one connection slot.
+
+    Retried: the slot may still belong to an earlier probe the server has not yet
+    seen closed."""
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with contextlib.suppress(ConnectionResetError):
+            if sock.recv(8) == b"NBDMAGIC":
+                return sock
+        sock.close()
+        assert time.monotonic() < deadline, "no connection was served"
+        time.sleep(0.05)
+
+
+def _connection_is_served(port: int) -> bool:
+    """Whether the server greets a new TCP connection (a refused one is closed unread)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        try:
+            return sock.recv(8) == b"NBDMAGIC"
+        except ConnectionResetError:
+            return False
+
+
+def test_max_connections_on_the_command_line_overrides_the_config(tmp_path: Path) -> None:
+    img = _raw_image(tmp_path)
+    cfg = _config_for(tmp_path, img, "max_connections = 100")
+    port = free_port()
+    with (
+        server_process(
+            ["serve", "--config", str(cfg), "--port", str(port), "--max-connections", "1"],
+            port=port,
+        ),
+    ):
+        first = _held_connection(port)
+        assert not _connection_is_served(port)
+        first.close()
+        _held_connection(port).close()  # the slot is free again
+
+
+def test_config_max_connections_applies_without_an_override(tmp_path: Path) -> None:
+    cfg = _config_for(tmp_path, _raw_image(tmp_path), "max_connections = 1")
+    port = free_port()
+    with (
+        server_process(["serve", "--config", str(cfg), "--port", str(port)], port=port),
+        _held_connection(port),
+    ):
+        assert not _connection_is_served(port)
+
+
+@pytest.mark.parametrize(
+    "placement",
+    [
+        ["--log-format", "json", "-v", "serve"],
+        ["serve", "--log-format", "json", "-v"],
+        ["-v", "serve", "--log-format", "json"],
+    ],
+)
+def test_log_options_before_or_after_serve(tmp_path: Path, placement: list[str]) -> None:
+    img = _raw_image(tmp_path)
+    port = free_port()
+    log = tmp_path / "server.log"
+    with server_process([*placement, "--port", str(port), str(img)], port=port, log_path=log):
+        assert _connection_is_served(port)
+    lines = log.read_text().splitlines()
+    assert lines
+    records = [json.loads(line) for line in lines]  # JSON, whichever side it was given
+    # -v: debug records, such as the connection the test made, are shown
+    assert any(r["level"] == "debug" for r in records)
+
+
+def test_verbose_counts_on_both_sides_and_quiet_after_serve(tmp_path: Path) -> None:
+    img = _raw_image(tmp_path)
+    port = free_port()
+    log = tmp_path / "server.log"
+    # -q after serve lowers the level: the info lines (listening, export) disappear
+    with server_process(["serve", "-q", "--port", str(port), str(img)], port=port, log_path=log):
+        assert _connection_is_served(port)
+    assert "event=listening" not in log.read_text()
+    with server_process(
+        ["-v", "serve", "-q", "--port", str(port), str(img)], port=port, log_path=log
+    ):
+        assert _connection_is_served(port)
+    text = log.read_text()
+    assert "event=listening" in text
+    assert "level=debug" not in text  # -v and -q cancel out: info

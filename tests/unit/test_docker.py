@@ -5,6 +5,7 @@ from a closed port or another protocol.  The Dockerfile is linted when hadolint 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -134,6 +135,41 @@ def test_entrypoint_refuses_a_missing_config(tmp_path: Path, problem: str) -> No
     assert str(config) in result.stderr
     assert ("directory" in result.stderr) == (problem == "directory")
     assert result.stdout == ""
+
+
+async def test_entrypoint_options_override_the_config_server_table(tmp_path: Path) -> None:
+    """What the Dockerfile documents: `docker run nbdserve --max-connections N --log-format
+    json` reaches `nbdserve serve` and wins over exports.toml's [server] table."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    port = free_port()
+    env = entrypoint_env(tmp_path, write_config(tmp_path, image), port)
+    with entrypoint(env, "--max-connections", "64", "--log-format", "json") as proc:
+        wait_listening(proc, port)
+        assert await read_export(port, "disk", 4096) == bytes(4096)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+        assert proc.stdout is not None
+        lines = proc.stdout.read().decode().splitlines()
+    assert lines
+    for line in lines:
+        json.loads(line)
+
+
+def test_entrypoint_refuses_per_export_options(tmp_path: Path) -> None:
+    """--allow would otherwise be dropped silently: the config's exports do not get it."""
+    image = tmp_path / "disk.raw"
+    image.write_bytes(bytes(1 << 20))
+    env = entrypoint_env(tmp_path, write_config(tmp_path, image), free_port())
+    result = subprocess.run(
+        [str(ENTRYPOINT), "--allow", "10.0.0.0/8"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "--allow" in result.stderr
 
 
 def test_entrypoint_runs_another_command_as_given(tmp_path: Path) -> None:

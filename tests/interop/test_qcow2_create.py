@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,7 +33,11 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def _ids(opts: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in opts.items())
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=_ids)
 async def test_created_images_satisfy_qemu(tmp_path: Path, opts: dict[str, str]) -> None:
     require_tools("qemu-img", "qemu-io")
     path = tmp_path / "img.qcow2"
@@ -62,9 +68,94 @@ async def test_backing_file_and_format_are_recorded(tmp_path: Path) -> None:
     assert_clean(top)
 
 
-async def test_preallocated_map_matches_qemu(tmp_path: Path) -> None:
+PREALLOC_CASES = [
+    {"preallocation": "metadata"},
+    {"preallocation": "metadata", "extended_l2": "on"},
+    # a raw data file implies preallocation=metadata
+    {"data_file": "img.data", "data_file_raw": "on", "extended_l2": "on"},
+]
+
+
+@pytest.mark.parametrize("opts", PREALLOC_CASES, ids=_ids)
+async def test_preallocated_map_matches_qemu(tmp_path: Path, opts: dict[str, str]) -> None:
     require_tools("qemu-img")
-    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
-    await create_image(str(ours), 8 << 20, {"preallocation": "metadata"})
-    qemu_img("create", "-q", "-f", "qcow2", "-o", "preallocation=metadata", theirs, "8M")
+    ours_dir, theirs_dir = tmp_path / "ours", tmp_path / "theirs"
+    ours_dir.mkdir()
+    theirs_dir.mkdir()
+    ours, theirs = ours_dir / "img.qcow2", theirs_dir / "img.qcow2"
+    # qemu 7.2 resolves a relative data file against its cwd: name them absolutely
+    if "data_file" in opts:
+        await create_image(str(ours), 8 << 20, {**opts, "data_file": str(ours_dir / "img.data")})
+        opts = {**opts, "data_file": str(theirs_dir / "img.data")}
+    else:
+        await create_image(str(ours), 8 << 20, dict(opts))
+    qemu_img("create", "-q", "-f", "qcow2", "-o", _o(opts), theirs, "8M")
     assert qemu_img_map(ours) == qemu_img_map(theirs)
+    assert_clean(ours)
+
+
+def _o(opts: dict[str, str]) -> str:
+    return ",".join(f"{k}={v}" for k, v in opts.items())
+
+
+def _nbdserve_img(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nbdserve", "img", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        cwd=cwd,
+    )
+
+
+@pytest.mark.parametrize("cluster_size", ["64K", "32K"])
+def test_preallocation_over_a_backing_file_shows_the_backing(
+    tmp_path: Path, cluster_size: str
+) -> None:
+    """With extended L2 entries QEMU allows it and leaves every subcluster unallocated."""
+    require_tools("qemu-img", "qemu-io")
+    base = tmp_path / "base.raw"
+    qemu_img("create", "-q", "-f", "raw", base, "4M")
+    qemu_io(base, "write -P 0x5b 0 3M", fmt="raw")
+    opts = f"preallocation=metadata,extended_l2=on,cluster_size={cluster_size}"
+    ours, theirs = tmp_path / "ours.qcow2", tmp_path / "theirs.qcow2"
+    made = _nbdserve_img(
+        "create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", ours,
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    qemu_img("create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw", theirs)
+    assert qemu_img_map(ours) == qemu_img_map(theirs)
+    assert "identical" in qemu_img("compare", ours, base).lower()
+    assert_clean(ours)
+    # a partial write allocates only the subclusters it touches; the rest still shows base
+    qemu_io(ours, "write -P 0x11 100k 4k")
+    qemu_io(theirs, "write -P 0x11 100k 4k")
+    assert "identical" in qemu_img("compare", ours, theirs).lower()
+    assert qemu_img_map(ours) == qemu_img_map(theirs)
+    assert_clean(ours)
+
+
+@pytest.mark.parametrize(
+    "opts",
+    [
+        "preallocation=metadata",
+        "data_file=img.data,data_file_raw=on",
+        "data_file=img.data,data_file_raw=on,extended_l2=on",
+    ],
+)
+def test_backing_file_refused_where_qemu_refuses(tmp_path: Path, opts: str) -> None:
+    require_tools("qemu-img")
+    qemu_img("create", "-q", "-f", "raw", tmp_path / "base.raw", "4M")
+    argv = ("create", "-q", "-f", "qcow2", "-o", opts, "-b", "base.raw", "-F", "raw")
+    theirs = subprocess.run(
+        ["qemu-img", *argv, "theirs.qcow2"], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert theirs.returncode != 0
+    ours = _nbdserve_img(*argv, "ours.qcow2", cwd=tmp_path)
+    assert ours.returncode != 0
+    # the same reason as QEMU's, after its "qemu-img: FILE: " prefix
+    reason = theirs.stderr.strip().rsplit(": ", 1)[-1]
+    assert reason in ours.stderr, (theirs.stderr, ours.stderr)
+    assert not (tmp_path / "ours.qcow2").exists()

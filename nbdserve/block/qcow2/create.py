@@ -102,6 +102,7 @@ def build_header(
         raise ConfigError("qcow2 virtual size must be a multiple of 512 below 2^56")
     if backing_fmt and not backing:
         raise ConfigError("a backing format needs a backing file")
+    _check_backing_compatible(backing, prealloc, extended, data_file_raw)
 
     l2_bits = cluster_bits - (4 if extended else 3)
     l1_size = l1_entries_needed(size, cluster_bits, l2_bits)
@@ -160,6 +161,22 @@ def build_header(
         "l1_clusters": l1_clusters,
     }
     return cluster0 + bytes(cluster_size - len(cluster0)), header, actions
+
+
+def _check_backing_compatible(
+    backing: str | None, prealloc: str, extended: bool, data_file_raw: bool
+) -> None:
+    """QEMU's qcow2_co_create refusals: a mapped cluster without subclusters hides the
+    backing file, so preallocation needs extended L2 entries (whose empty bitmaps let
+    it show through); a raw data file holds every guest byte, so nothing shows through."""
+    if not backing:
+        return
+    if prealloc != "off" and not extended:
+        raise ConfigError(
+            "Backing file and preallocation can only be used at the same time if extended_l2 is on"
+        )
+    if data_file_raw:
+        raise ConfigError("Backing file and data-file-raw cannot be used at the same time")
 
 
 def _layout(cluster_bits: int, refcount_order: int, l1_size: int) -> tuple[int, int, int]:

@@ -470,7 +470,12 @@ async def _discard_clusters(drv: Qcow2Driver, lo: int, hi: int) -> None:
 
 
 async def preallocate_metadata(drv: Qcow2Driver) -> None:
-    """Map every cluster of the image to a host cluster (data left unwritten)."""
+    """Map every cluster of the image to a host cluster (data left unwritten).
+
+    With extended L2 entries the subcluster bitmaps stay empty, as QEMU leaves
+    them (qcow2_alloc_cluster_link_l2 skips the bitmap for preallocation): the
+    clusters are mapped but read through to the backing file, or as zeros.
+    """
     g = drv.g
     cb = g.cluster_bits
     external = drv.data_file is not drv.file
@@ -493,7 +498,7 @@ async def preallocate_metadata(drv: Qcow2Driver) -> None:
             if g.extended_l2:
                 pairs = table.reshape(-1, 2)
                 pairs[:count, 0] = values
-                pairs[:count, 1] = np.uint64(QCOW_L2_BITMAP_ALL_ALLOC)
+                pairs[:count, 1] = np.uint64(0)
             else:
                 table[:count] = values
             drv.cmap.l2_cache.mark_dirty(l2_offset, table)

@@ -218,6 +218,9 @@ _EXPORT_KEYS = {
     "locking",
     "cache",
 }
+# driver settings that may also be given directly on [[export]] (qcow2's
+# `compress = true`); they are moved into `settings`
+_SETTINGS_SHORTCUTS: dict[str, Any] = {"compress": bool, "compress_cache_size": int}
 _SERVER_KEYS = {
     "bind",
     "port",
@@ -280,13 +283,21 @@ def _export_from(raw: Any, index: int, origin: str, base_dir: str) -> ExportConf
     where = f"{origin}: export #{index + 1}"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a table")
-    bad = set(raw) - _EXPORT_KEYS
+    bad = set(raw) - _EXPORT_KEYS - _SETTINGS_SHORTCUTS.keys()
     if bad:
         raise ConfigError(f"{where}: unknown keys {sorted(bad)}")
     if "path" not in raw:
         raise ConfigError(f"{where}: 'path' is required")
     _check_mapping(ExportConfig, raw, where)
     values = dict(raw)
+    for key, hint in _SETTINGS_SHORTCUTS.items():
+        if key in values:
+            check_value(where, key, values[key], hint)
+            settings = dict(values.get("settings", {}))
+            if key in settings:
+                raise ConfigError(f"{where}: {key!r} is given both directly and in 'settings'")
+            settings[key] = values.pop(key)
+            values["settings"] = settings
     values.setdefault("name", "")
     if not _EXPORT_NAME_RE.match(values["name"]):
         raise ConfigError(f"{where}: bad export name")

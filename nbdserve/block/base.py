@@ -26,6 +26,7 @@ from nbdserve.errors import NotSupportedError, ReadOnlyError
 
 if TYPE_CHECKING:
     from nbdserve.block.file import FileBackend
+    from nbdserve.block.prefetch import PrefetchStatistics
 
 ZERO_CHUNK = bytes(1 << 20)
 
@@ -109,6 +110,9 @@ class DriverStatistics:
     bytes_read: int = 0
     bytes_written: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+    # background copy of a backing image into this layer (FVD), when it has one;
+    # not in ``extra``: it has a state and a rate, which are not counters
+    prefetch: PrefetchStatistics | None = None
 
 
 class BlockDriver(trio.abc.AsyncResource):

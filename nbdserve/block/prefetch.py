@@ -53,6 +53,9 @@ from nbdserve.errors import BlockError
 LOGGER = logging.getLogger(__name__)
 
 KIB = 1024
+# seconds of copying the exported copy rate averages over: long enough to smooth
+# out pauses and bursts of slots, short enough to follow a change of pace
+RATE_WINDOW = 5.0
 
 
 class PrefetchState(enum.Enum):
@@ -61,6 +64,9 @@ class PrefetchState(enum.Enum):
     PAUSED = "paused"  # throttled: contention detected
     DONE = "done"
     DISABLED = "disabled"  # never started, or stopped by an error
+
+
+_COPYING = frozenset({PrefetchState.RUNNING, PrefetchState.PAUSED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +98,7 @@ class PrefetchStatistics:
     write_throughput: float
     pauses: int
     requests: int
+    copy_rate: float = 0.0  # bytes/s stored over the last RATE_WINDOW (pauses included)
 
 
 class PrefetchTarget(Protocol):
@@ -155,6 +162,39 @@ class _Throughput:
         return self._bytes / self._duration / KIB
 
 
+class _Rate:
+    """Bytes per second of wall-clock time over the last ``window`` seconds.
+
+    Unlike ``_Throughput`` (the speed one request gets, which the pacing
+    compares with the minimums), this counts pauses and idle slots: it is the
+    rate an operator divides the remaining bytes by.
+    """
+
+    def __init__(self, window: float) -> None:
+        self.window = window
+        self.started: float | None = None
+        self._samples: deque[tuple[float, int]] = deque()
+        self._bytes = 0
+
+    def add(self, now: float, nbytes: int) -> None:
+        self._samples.append((now, nbytes))
+        self._bytes += nbytes
+        self._expire(now)
+
+    def _expire(self, now: float) -> None:
+        while self._samples and self._samples[0][0] < now - self.window:
+            self._bytes -= self._samples.popleft()[1]
+
+    def per_second(self, now: float) -> float:
+        if self.started is None:
+            return 0.0
+        self._expire(now)
+        # right after the start the window is not full yet: divide by what passed,
+        # but by a second at least (one quick first request is no rate)
+        span = min(self.window, max(1.0, now - self.started))
+        return self._bytes / span
+
+
 class Prefetcher:
     """Copies every missing range of ``target`` from its base, adaptively."""
 
@@ -171,6 +211,7 @@ class Prefetcher:
         self.requests = 0
         self._read_tp = _Throughput(max(settings.read_measure_time, 1) / 1000)
         self._write_tp = _Throughput(max(settings.write_measure_time, 1) / 1000)
+        self._rate = _Rate(RATE_WINDOW)
         self._bucket_start = 0.0
         self._bytes_issued = 0
         self._since_checkpoint = 0
@@ -192,6 +233,8 @@ class Prefetcher:
             write_throughput=self._write_tp.kib_per_s(now) or 0.0,
             pauses=self.pauses,
             requests=self.requests,
+            # once stopped nothing is being copied, whatever the last window held
+            copy_rate=self._rate.per_second(now) if self.state in _COPYING else 0.0,
         )
 
     def _log_progress(self, event: str) -> None:
@@ -221,6 +264,7 @@ class Prefetcher:
                 return
             await trio.sleep(self.settings.start_delay)
             self.state = PrefetchState.RUNNING
+            self._rate.started = trio.current_time()
             self._log_progress("prefetch-start")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._report_loop)
@@ -244,7 +288,7 @@ class Prefetcher:
                 finished = await self._one_pass()
             except BlockError as exc:
                 self.state = PrefetchState.DISABLED
-                LOGGER.warning("event=prefetch-error export=%s error=%s", self.name, exc)
+                LOGGER.warning("event=prefetch-error export=%s error=%r", self.name, str(exc))
                 return
             if not finished:
                 return
@@ -262,7 +306,7 @@ class Prefetcher:
             await self.target.prefetch_complete()
         except BlockError as exc:
             self.state = PrefetchState.DISABLED
-            LOGGER.warning("event=prefetch-error export=%s error=%s", self.name, exc)
+            LOGGER.warning("event=prefetch-error export=%s error=%r", self.name, str(exc))
             return
         self.state = PrefetchState.DONE
         self._log_progress("prefetch-complete")
@@ -306,6 +350,7 @@ class Prefetcher:
             self.requests += 1
             self._read_tp.add(t1, length, t1 - t0)
             self._write_tp.add(t2, max(stored, 1), t2 - t1)
+            self._rate.add(t2, stored)
             self.bytes_copied += stored
             self.bytes_skipped += length - stored
             self._since_checkpoint += stored

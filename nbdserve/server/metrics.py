@@ -1,7 +1,10 @@
 """Prometheus metrics: a collector over the export counters and a tiny HTTP endpoint.
 
 The collector reads ``ExportStats`` and each driver's ``statistics()`` on
-scrape, so serving requests never touches prometheus objects.  The endpoint
+scrape, so serving requests never touches prometheus objects.  Per layer it
+exports the driver's counters as they are, a hit ratio for every cache that
+counts hits and misses (qcow2's l2 and refblock caches), and, for a layer
+copying its base in (FVD prefetch), progress, rate and state.  The endpoint
 is a minimal trio HTTP/1.0 responder for ``GET /metrics``: the text itself is
 produced by prometheus_client's ``generate_latest``.
 """
@@ -19,12 +22,15 @@ from prometheus_client.core import (
     GaugeMetricFamily,
     HistogramMetricFamily,
     Metric,
+    StateSetMetricFamily,
 )
 from prometheus_client.registry import Collector
 
+from nbdserve.block.prefetch import RATE_WINDOW, PrefetchState
 from nbdserve.server.stats import LATENCY_BUCKETS
 
 if TYPE_CHECKING:
+    from nbdserve.block.base import DriverStatistics
     from nbdserve.server.exports import ExportRegistry
 
 LOGGER = logging.getLogger(__name__)
@@ -57,11 +63,7 @@ class ExportCollector(Collector):
             "Time from reading a request to sending its reply",
             labels=["export"],
         )
-        driver = GaugeMetricFamily(
-            "nbdserve_driver_statistic",
-            "Format driver statistics (qcow2 cache hits, FVD prefetch progress, ...)",
-            labels=["export", "layer", "name"],
-        )
+        layers = _LayerFamilies()
         for export in self.exports:
             name = export.name
             stats = export.stats
@@ -74,9 +76,74 @@ class ExportCollector(Collector):
             clients.add_metric([name], stats.clients)
             latency.add_metric([name], _buckets(stats.latency_buckets), stats.latency_sum)
             for depth, layer in enumerate(export.chain.layers):
-                for key, value in layer.statistics().extra.items():
-                    driver.add_metric([name, f"{depth}:{layer.format_name}", key], value)
-        yield from (requests, errors, read, written, inflight, clients, latency, driver)
+                layers.add(name, f"{depth}:{layer.format_name}", layer.statistics())
+        yield from (requests, errors, read, written, inflight, clients, latency)
+        yield from layers.families()
+
+
+class _LayerFamilies:
+    """The per-layer families: raw driver counters, cache hit ratios, prefetch."""
+
+    def __init__(self) -> None:
+        labels = ["export", "layer"]
+        self.driver = GaugeMetricFamily(
+            "nbdserve_driver_statistic",
+            "Format driver counters (qcow2 cache hits and misses, FVD bitmap loads, ...)",
+            labels=[*labels, "name"],
+        )
+        self.hit_ratio = GaugeMetricFamily(
+            "nbdserve_cache_hit_ratio",
+            "Lookups a metadata cache answered from memory: hits / (hits + misses)",
+            labels=[*labels, "cache"],
+        )
+        # not "_bytes_total": that suffix promises a counter to Prometheus tools
+        self.done = GaugeMetricFamily(
+            "nbdserve_prefetch_done_bytes", "Bytes of the base already in the image", labels=labels
+        )
+        self.total = GaugeMetricFamily(
+            "nbdserve_prefetch_size_bytes", "Bytes of the base to copy in all", labels=labels
+        )
+        self.rate = GaugeMetricFamily(
+            "nbdserve_prefetch_throughput_bytes_per_second",
+            f"Bytes prefetch stored per second over the last {RATE_WINDOW:g} s",
+            labels=labels,
+        )
+        self.state = StateSetMetricFamily(
+            "nbdserve_prefetch_state", "What the prefetcher is doing", labels=labels
+        )
+
+    def add(self, export: str, layer: str, stats: DriverStatistics) -> None:
+        for key, value in stats.extra.items():
+            self.driver.add_metric([export, layer, key], value)
+        for cache, ratio in _hit_ratios(stats.extra).items():
+            self.hit_ratio.add_metric([export, layer, cache], ratio)
+        prefetch = stats.prefetch
+        if prefetch is not None:
+            self.done.add_metric([export, layer], prefetch.bytes_done)
+            self.total.add_metric([export, layer], prefetch.bytes_total)
+            self.rate.add_metric([export, layer], prefetch.copy_rate)
+            states = {state.value: state.value == prefetch.state for state in PrefetchState}
+            self.state.add_metric([export, layer], states)
+
+    def families(self) -> Iterator[Metric]:
+        yield from (self.driver, self.hit_ratio, self.done, self.total, self.rate, self.state)
+
+
+def _hit_ratios(extra: dict[str, int]) -> dict[str, float]:
+    """``NAME_hits`` and ``NAME_misses`` pairs (qcow2's l2 and refblock caches).
+
+    A cache nobody has looked anything up in yet has no ratio, so no sample:
+    0/0 shown as 0 or 1 would be a claim about a cache that was never used.
+    """
+    out: dict[str, float] = {}
+    for key, hits in extra.items():
+        if not key.endswith("_hits"):
+            continue
+        cache = key.removesuffix("_hits")
+        misses = extra.get(f"{cache}_misses")
+        if misses is not None and hits + misses:
+            out[cache] = hits / (hits + misses)
+    return out
 
 
 def _buckets(counts: list[int]) -> list[tuple[str, float]]:

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from nbdserve.block.qcow2 import Qcow2Driver
+from nbdserve.config import load_config
 from tests.conftest import require_tools
 from tests.helpers.server import (
     export,
@@ -256,6 +257,55 @@ async def test_cli_compress_flag(tmp_path: Path) -> None:
     expected = data + bytes(SIZE - len(data))
     check = await assert_compressed_and_equal(img, expected, tmp_path)
     assert check["compressed-clusters"] == 4
+
+
+async def test_compress_as_an_export_key_of_a_config_file(tmp_path: Path) -> None:
+    """``compress = true`` directly on ``[[export]]`` (not only under settings), served
+    by ``nbdserve serve --config`` in a child process: a qemu-io write lands as
+    compressed clusters."""
+    require_tools("qemu-img", "qemu-io")
+    img = tmp_path / "disk.qcow2"
+    await _create(img, "zstd")
+    data = compressible(random.Random(6), 4 * CS)
+    (tmp_path / "chunk.bin").write_bytes(data)
+    sock = tmp_path / "nbd.sock"
+    cfg = tmp_path / "nbdserve.toml"
+    cfg.write_text(
+        f'[server]\nsocket = "{sock}"\n\n'
+        f'[[export]]\nname = "d"\npath = "{img.name}"\nformat = "qcow2"\ncompress = true\n'
+    )
+    with server_process(["serve", "--config", str(cfg)], socket_path=str(sock)):
+        await run(
+            "qemu-io", "-f", "raw", "-c", f"write -s {tmp_path / 'chunk.bin'} {CS} {4 * CS}",
+            "-c", "flush", unix_uri(sock, "d"),
+        )  # fmt: skip
+    expected = bytes(CS) + data + bytes(SIZE - 5 * CS)
+    check = await assert_compressed_and_equal(img, expected, tmp_path)
+    assert check["compressed-clusters"] == 4
+
+
+async def test_compress_cache_size_as_an_export_key(tmp_path: Path) -> None:
+    """``compress_cache_size = 0`` on ``[[export]]`` reaches the driver: no write cache."""
+    require_tools("qemu-img", "qemu-io")
+    img = tmp_path / "disk.qcow2"
+    await _create(img, "zlib")
+    cfg = tmp_path / "nbdserve.toml"
+    cfg.write_text(
+        f'[[export]]\nname = "d"\npath = "{img}"\nformat = "qcow2"\n'
+        "compress = true\ncompress_cache_size = 0\n"
+    )
+    (config_export,) = load_config(str(cfg)).exports
+    data = compressible(random.Random(7), 2 * CS)
+    (tmp_path / "chunk.bin").write_bytes(data)
+    async with running_server(config_export) as srv:
+        await run("qemu-io", "-f", "raw", "-c", f"write -s {tmp_path / 'chunk.bin'} 0 {2 * CS}",
+                  uri(srv, "d"))  # fmt: skip
+        top = srv.registry.lookup("d").chain.top  # type: ignore[union-attr]
+        assert isinstance(top, Qcow2Driver)
+        stats = top.statistics().extra
+    assert stats["compressed_clusters_written"] == 2
+    assert "compress_cache_writes" not in stats  # the cache is off
+    await assert_compressed_and_equal(img, data + bytes(SIZE - 2 * CS), tmp_path)
 
 
 @pytest.mark.slow

@@ -74,7 +74,12 @@ from nbdserve.block.fvd.structs import (
     validate_layout,
 )
 from nbdserve.block.fvd.table import ChunkTable
-from nbdserve.block.prefetch import Prefetcher, PrefetchSettings
+from nbdserve.block.prefetch import (
+    Prefetcher,
+    PrefetchSettings,
+    PrefetchState,
+    PrefetchStatistics,
+)
 from nbdserve.errors import (
     BlockError,
     CorruptImageError,
@@ -342,7 +347,7 @@ class FvdDriver(FormatDriver):
         with trio.CancelScope(shield=True):
             if recovered:
                 LOGGER.info(
-                    "event=fvd-recovery path=%s records=%d", file.path, self._recovered_records
+                    "event=fvd-recovery path=%r records=%d", file.path, self._recovered_records
                 )
                 await self._write_metadata_regions(self._bitmap_bytes(), self._table_bytes())
                 await file.sync()
@@ -687,7 +692,7 @@ class FvdDriver(FormatDriver):
             self._stats["cor_bytes"] += stored
         except (BlockError, trio.ClosedResourceError) as exc:
             # advisory: the data is still in the base; the guest already has it
-            LOGGER.debug("copy-on-read store failed (ignored): %s", exc)
+            LOGGER.debug("event=fvd-copy-on-read-failed error=%r action=ignore", str(exc))
         finally:
             self._cor_outstanding -= len(data)
 
@@ -887,7 +892,7 @@ class FvdDriver(FormatDriver):
 
     async def _run_add_storage_cmd(self, cmd: str, grow: int) -> None:
         argv = [*shlex.split(cmd), str(grow), self._store.path]
-        LOGGER.info("event=fvd-add-storage cmd=%s grow=%d", argv[0], grow)
+        LOGGER.info("event=fvd-add-storage cmd=%r grow=%d", argv[0], grow)
         try:
             result = await trio.run_process(
                 argv, check=False, capture_stdout=True, capture_stderr=True
@@ -1217,7 +1222,7 @@ class FvdDriver(FormatDriver):
                 await self._write_header(self.header.replace(base_img_fully_prefetched=1))
                 await self._file.sync()
                 self._cow_limit = 0
-        LOGGER.info("event=fvd-fully-prefetched path=%s", self._file.path)
+        LOGGER.info("event=fvd-fully-prefetched path=%r", self._file.path)
 
     def prefetch_progress(self) -> tuple[int, int]:
         """(bytes of base now in the image, bytes of base in total)."""
@@ -1246,10 +1251,25 @@ class FvdDriver(FormatDriver):
         extra["guest_inflight"] = self._guest_inflight
         extra["cor_outstanding"] = self._cor_outstanding
         if self.prefetcher is not None:
-            ps = self.prefetcher.statistics()
-            extra["prefetch_copied"] = ps.bytes_copied
-            extra["prefetch_pauses"] = ps.pauses
-        return DriverStatistics(extra=extra)
+            extra["prefetch_copied"] = self.prefetcher.bytes_copied
+            extra["prefetch_pauses"] = self.prefetcher.pauses
+        return DriverStatistics(extra=extra, prefetch=self._prefetch_statistics())
+
+    def _prefetch_statistics(self) -> PrefetchStatistics | None:
+        """Progress of copying the base in, for every image that has one.
+
+        Without a running prefetcher (not configured, opened read-only, or
+        complete before this open) the bitmap still says how much is here:
+        copy-on-read and guest writes fill it too.
+        """
+        if self.prefetcher is not None:
+            return self.prefetcher.statistics()
+        if self._bitmap is None:
+            return None
+        done, total = self.prefetch_progress()
+        full = bool(self.header.base_img_fully_prefetched)
+        state = PrefetchState.DONE if full else PrefetchState.DISABLED
+        return PrefetchStatistics(state.value, 0, 0, done, total, 0.0, 0.0, 0, 0)
 
     def describe(self) -> dict[str, object]:
         h = self.header

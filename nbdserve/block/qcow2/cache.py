@@ -64,9 +64,15 @@ class TableCache:
         return len(self._dirty)
 
     def peek(self, offset: int) -> np.ndarray | None:
-        """The cached table at ``offset`` or None; never blocks."""
+        """The cached table at ``offset`` or None; never blocks.
+
+        A found table counts as a hit: most cached reads are answered through
+        here, so without it the hit ratio would describe only the slow path.
+        None is not a miss: the caller falls back to ``get``, which counts it.
+        """
         table = self._tables.get(offset)
         if table is not None:
+            self.hits += 1
             self._tables.move_to_end(offset)
         return table
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from tests.conftest import require_tools
 from tests.helpers.server import export, nbdsh_argv, run, running_server, unix_uri, uri
@@ -226,3 +228,190 @@ async def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
     async with running_server(export(img, "ro", read_only=True)) as srv:
         await run(*nbdsh_argv(), "-u", uri(srv, "ro"), "-c", script)
     assert img.read_bytes() == b"\x11" * MiB
+
+
+# ---- command flags and commands through libnbd (nbdsh) ----------------------
+
+_HOLE, _ZERO = 1, 2  # base:allocation flags (proto.md)
+
+
+async def _nbdsh_json(target: str, body: str) -> dict[str, object]:
+    """Run ``body`` in nbdsh connected to ``target`` with base:allocation; it
+    fills the dict ``out``, which comes back parsed."""
+    script = (
+        "import json\n"
+        "h.add_meta_context('base:allocation')\n"
+        f"h.connect_uri({target!r})\n"
+        "out = {}\n"
+        "def extents(ctx, offset, entries, err):\n"
+        "    out.setdefault('extents', []).append((offset, list(entries)))\n"
+        "    return 0\n"
+        "def chunks(buf, offset, status, err):\n"
+        "    out.setdefault('chunks', []).append((offset, len(buf), status))\n"
+        "    return 0\n"
+        f"{body}\n"
+        "print(json.dumps(out))\n"
+    )
+    result: dict[str, object] = json.loads(await run(*nbdsh_argv(), "-c", script))
+    return result
+
+
+def _pairs(entries: list[int]) -> list[tuple[int, int]]:
+    """libnbd's flat [length, flags, length, flags, ...] as (length, flags) pairs."""
+    return list(zip(entries[::2], entries[1::2], strict=True))
+
+
+async def test_zero_with_no_hole_keeps_the_range_allocated(tmp_path: Path) -> None:
+    require_tools("nbdsh")
+    img = tmp_path / "nh.raw"
+    img.write_bytes(b"\xff" * (4 * MiB))
+    os.sync()  # written back: every block of the file is allocated
+    before = os.stat(img).st_blocks * 512
+    assert before >= 4 * MiB
+    async with running_server(export(img, "nh")) as srv:
+        out = await _nbdsh_json(
+            uri(srv, "nh"),
+            f"h.zero({MiB}, {MiB}, nbd.CMD_FLAG_NO_HOLE)\n"
+            f"out['zeros'] = h.pread({MiB}, {MiB}) == bytes({MiB})\n"
+            f"h.block_status({MiB}, {MiB}, extents)\n"
+            "h.flush()\n",
+        )
+        no_hole = os.stat(img).st_blocks * 512
+        # the comparison case: without NO_HOLE the server may (and does) punch
+        await _nbdsh_json(uri(srv, "nh"), f"h.zero({MiB}, {MiB})\nh.flush()\n")
+        punched = os.stat(img).st_blocks * 512
+    assert out["zeros"] is True
+    assert no_hole == before  # NO_HOLE: zeroed in place, no host space given back
+    assert punched == before - MiB
+    (offset, entries), *_ = out["extents"]  # type: ignore[misc]
+    assert offset == MiB
+    length, flags = _pairs(entries)[0]
+    assert length == MiB
+    assert flags & _ZERO  # the server knows the range reads as zeros
+    assert img.read_bytes()[:MiB] == b"\xff" * MiB
+
+
+async def test_cache_through_nbdsh(tmp_path: Path) -> None:
+    require_tools("nbdsh")
+    img = tmp_path / "c.raw"
+    data = _patterned(img, 4 * MiB, seed=11)
+    async with running_server(export(img, "c")) as srv:
+        out = await _nbdsh_json(
+            uri(srv, "c"),
+            "out['can_cache'] = h.can_cache()\n"
+            f"h.cache({2 * MiB}, {MiB})\n"
+            f"out['after'] = h.pread(4096, {MiB}).hex()\n"
+            "try:\n"
+            f"    h.cache(8192, {4 * MiB - 4096})\n"  # past the end: refused
+            "    out['past_end'] = 'accepted'\n"
+            "except nbd.Error as e:\n"
+            "    out['past_end'] = e.errno\n",
+        )
+    assert out["can_cache"] is True
+    assert bytes.fromhex(str(out["after"])) == data[MiB : MiB + 4096]
+    assert out["past_end"] in (22, "EINVAL"), out  # EINVAL, not a dropped connection
+
+
+async def test_block_status_req_one_returns_one_extent(tmp_path: Path) -> None:
+    require_tools("nbdsh")
+    img = tmp_path / "r1.raw"
+    with open(img, "wb") as f:
+        f.truncate(8 * MiB)
+        for start in (MiB, 3 * MiB, 5 * MiB):
+            f.seek(start)
+            f.write(b"\x42" * MiB)
+    async with running_server(export(img, "r1")) as srv:
+        out = await _nbdsh_json(
+            uri(srv, "r1"),
+            f"h.block_status({8 * MiB}, 0, extents)\n"
+            f"h.block_status({8 * MiB}, 0, extents, nbd.CMD_FLAG_REQ_ONE)\n"
+            f"h.block_status({4 * MiB}, {MiB + 4096}, extents, nbd.CMD_FLAG_REQ_ONE)\n",
+        )
+    full, one, inside = out["extents"]  # type: ignore[misc]
+    assert _pairs(full[1]) == [
+        (MiB, 3),
+        (MiB, 0),
+        (MiB, 3),
+        (MiB, 0),
+        (MiB, 3),
+        (MiB, 0),
+        (2 * MiB, 3),
+    ]
+    assert one == [0, [MiB, 3]]  # one extent, no longer than the first
+    assert inside == [MiB + 4096, [MiB - 4096, 0]]  # starts where asked, ends with the run
+
+
+async def _read_chunks(target: str, flags: str) -> list[tuple[int, int, int]]:
+    out = await _nbdsh_json(target, f"h.pread_structured({4 * MiB}, 0, chunks, {flags})")
+    return [tuple(c) for c in out["chunks"]]  # type: ignore[attr-defined,misc]
+
+
+async def test_df_read_of_a_sparse_image_is_one_data_chunk(tmp_path: Path) -> None:
+    require_tools("nbdsh")
+    img = tmp_path / "df.raw"
+    with open(img, "wb") as f:
+        f.truncate(4 * MiB)
+        f.seek(MiB)
+        f.write(b"\x33" * MiB)
+    read_data, read_hole = 1, 2  # nbd.READ_DATA, nbd.READ_HOLE
+    async with running_server(export(img, "df")) as srv:
+        plain = await _read_chunks(uri(srv, "df"), "0")
+        df = await _read_chunks(uri(srv, "df"), "nbd.CMD_FLAG_DF")
+    # without DF the holes come as hole chunks ...
+    assert sorted(plain) == [
+        (0, MiB, read_hole),
+        (MiB, MiB, read_data),
+        (2 * MiB, 2 * MiB, read_hole),
+    ]
+    # ... with DF: one data chunk for the whole 4 MiB, no hole chunk
+    assert df == [(0, 4 * MiB, read_data)]
+
+
+async def test_shared_one_refuses_a_second_nbdinfo(tmp_path: Path) -> None:
+    require_tools("nbdsh", "nbdinfo")
+    img = tmp_path / "s1.raw"
+    img.write_bytes(bytes(MiB))
+    async with running_server(export(img, "s1", shared=1)) as srv:
+        target = uri(srv, "s1")
+        await _refused_while_held(target)
+        # the slot is given back when the first client leaves
+        await _eventually_served(target)
+
+
+async def _refused_while_held(target: str) -> None:
+    """Hold one connection with nbdsh; a second client (nbdinfo) must be refused."""
+    hold = f"import sys\nh.connect_uri({target!r})\nprint('ready', flush=True)\nsys.stdin.read()\n"
+    holder = await trio.lowlevel.open_process(
+        [*nbdsh_argv(), "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdin is not None
+        with trio.fail_after(30):
+            assert b"ready" in await holder.stdout.receive_some(64)
+        second = await trio.run_process(
+            ["nbdinfo", "--json", target], capture_stdout=True, capture_stderr=True, check=False
+        )
+        assert second.returncode != 0, second.stdout
+        # refused at NBD_OPT_GO (NBD_REP_ERR_POLICY; libnbd 1.14 does not print
+        # the server's text); the same call succeeds once the holder has left
+        assert b"opt_go" in second.stderr, second.stderr
+        await holder.stdin.aclose()  # the holder's read ends: it disconnects
+        with trio.fail_after(30):
+            assert await holder.wait() == 0
+    finally:
+        if holder.returncode is None:
+            holder.kill()
+            await holder.wait()
+
+
+async def _eventually_served(target: str) -> None:
+    with trio.fail_after(10):
+        while True:
+            result = await trio.run_process(
+                ["nbdinfo", "--size", target], capture_stdout=True, capture_stderr=True, check=False
+            )
+            if result.returncode == 0:
+                assert int(result.stdout) == MiB
+                return
+            await trio.sleep(0.1)

@@ -82,6 +82,8 @@ class ServerConfig:
     max_inflight: int = 64  # per connection, requests handled off the fast path
     max_inflight_bytes: int = 128 * 1024 * 1024  # per connection, their payloads and replies
     handshake_timeout: float = 30.0
+    # a client that takes no reply bytes off its socket for this long is dropped
+    send_timeout: float = 30.0
     shutdown_grace: float = 10.0
     default_export: str | None = None  # answers the empty export name
     metrics: str | None = None  # "HOST:PORT" of the Prometheus endpoint; None: off
@@ -118,6 +120,7 @@ _RANGES: dict[str, tuple[float, float, str]] = {
     "max_inflight_bytes": (1, math.inf, ">= 1"),
     # the smallest float above 0: a zero timeout would refuse every client
     "handshake_timeout": (math.ulp(0.0), math.inf, "> 0"),
+    "send_timeout": (math.ulp(0.0), math.inf, "> 0"),
     "shutdown_grace": (0, math.inf, ">= 0"),
 }
 
@@ -229,6 +232,7 @@ _SERVER_KEYS = {
     "max_inflight",
     "max_inflight_bytes",
     "handshake_timeout",
+    "send_timeout",
     "shutdown_grace",
     "default_export",
     "metrics",

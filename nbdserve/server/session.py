@@ -61,8 +61,6 @@ SPIN_SECONDS = 30e-6
 SPIN_QUIET = 1e-3
 # while requests keep arriving, let other tasks run at least this often
 YIELD_INTERVAL = 0.5e-3
-# a client that takes nothing off its socket for this long is dropped
-SEND_TIMEOUT = 30.0
 _JOIN_LIMIT = 64 * 1024
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
@@ -233,7 +231,7 @@ class Session:
         reply can never be followed by another.
         """
         with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + SEND_TIMEOUT
+            scope.deadline = trio.current_time() + self.config.send_timeout
             await write(*args)
         if scope.cancelled_caught:
             raise trio.BrokenResourceError("client stopped reading replies")

@@ -24,7 +24,7 @@ from nbdserve.server.serve import ServerHandle
 from tests.conftest import require_tools
 from tests.helpers import client as cl
 from tests.helpers.client import NbdClient
-from tests.helpers.server import export, run, running_server, uri
+from tests.helpers.server import export, free_port, run, running_server, server_process, uri
 
 MiB = 1 << 20
 SIZE = 4 * MiB
@@ -295,3 +295,88 @@ async def test_nbdinfo_after_misbehaviour(tmp_path: Path) -> None:
         out = await run("nbdinfo", "--size", uri(s.srv, "disk"))
         assert int(out.strip()) == SIZE
         await s.assert_still_serving()
+
+
+# ---- resource limits --------------------------------------------------------------
+
+
+def process_rss(pid: int) -> int:
+    """Resident memory of another process (VmRSS), in bytes."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+SEND_TIMEOUT = 2.0
+STUCK_READS = 2000
+
+
+@pytest.mark.parametrize(
+    ("structured", "sparse"),
+    # structured reads of holes are tiny OFFSET_HOLE chunks: they fit the socket
+    # buffers, so such a client is never stuck; simple replies of holes are 1 MiB
+    # buffers built off the inline path, the case where the budget matters
+    [(True, False), (False, False), (False, True)],
+    ids=["structured-data", "simple-data", "simple-holes"],
+)
+async def test_client_that_stops_reading_replies(
+    tmp_path: Path, structured: bool, sparse: bool
+) -> None:
+    """2000 x 1 MiB READs, never read: the server (a real process) holds no more
+    than the connection's max_inflight_bytes (32 MiB here) of replies, serves other
+    clients meanwhile, and drops the stuck client after send_timeout instead of
+    waiting for it forever."""
+    path = tmp_path / "disk.raw"
+    model = bytearray(SIZE) if sparse else bytearray(os.urandom(SIZE))
+    if sparse:
+        with open(path, "wb") as f:
+            f.truncate(SIZE)  # all holes: replies come from no page at all
+    else:
+        path.write_bytes(model)
+    port = free_port()
+    cfg = tmp_path / "nbdserve.toml"
+    cfg.write_text(
+        f"[server]\nport = {port}\nsend_timeout = {SEND_TIMEOUT}\n"
+        f"max_inflight_bytes = {32 * MiB}\n"
+        f'[[export]]\nname = "disk"\npath = "{path}"\nformat = "raw"\n'
+    )
+    with server_process(["serve", "--config", str(cfg)], port=port) as proc:
+        before = process_rss(proc.pid)
+        s = Setup(_PortOnly(port), path, model)  # type: ignore[arg-type]
+        async with await s.good_client() as c:
+            assert await c.read(0, SIZE) == model  # the server has read the image once
+        before = max(before, process_rss(proc.pid))
+        stuck = await s.raw()
+        codec = await go_raw(stuck, structured=structured)
+        start = trio.current_time()
+        await stuck.send_all(
+            b"".join(codec.request(Cmd.READ, h, (h % 4) * MiB, MiB) for h in range(STUCK_READS))
+        )
+        peak = 0
+        # meanwhile: other clients are served, and the server's memory stays bounded
+        while trio.current_time() - start < SEND_TIMEOUT * 0.75:
+            with trio.fail_after(SEND_TIMEOUT):
+                async with await s.good_client() as c:
+                    assert await c.read(MiB, MiB) == model[MiB : 2 * MiB]
+            peak = max(peak, process_rss(proc.pid))
+            await trio.sleep(0.05)
+        assert peak - before < 64 * MiB, (before, peak)
+        # after send_timeout the stuck client is dropped: reading now gets what the
+        # socket buffers held, then EOF, never the 2000 MiB asked for
+        await trio.sleep(SEND_TIMEOUT * 0.25 + 1.0)
+        got = await closed_by_server(stuck, timeout=10)
+        assert len(got) < 256 * MiB, len(got)
+        assert trio.current_time() - start < SEND_TIMEOUT + 10
+        assert process_rss(proc.pid) - before < 64 * MiB
+        await s.assert_still_serving()
+        assert proc.poll() is None
+
+
+class _PortOnly:
+    """What Setup needs of a ServerHandle when the server is another process."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.tcp_addresses = [("127.0.0.1", port)]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from nbdserve.block.file import FileBackend
+from nbdserve.block.qcow2 import Qcow2Driver
 from tests.conftest import require_tools
 from tests.helpers.server import export, run, running_server, uri
 
@@ -59,3 +60,33 @@ async def test_unaligned_writes_and_reads_with_cache_none(direct_dir: Path, fmt:
     out = direct_dir / "out.raw"
     await run("qemu-img", "convert", "-f", fmt, "-O", "raw", img, out)
     assert out.read_bytes() == expected
+
+
+def _fd_is_direct(fd: int) -> bool:
+    """O_DIRECT in the kernel's view of ``fd`` (/proc fdinfo flags are octal)."""
+    with open(f"/proc/self/fdinfo/{fd}") as f:
+        flags = next(line for line in f if line.startswith("flags:")).split()[1]
+    return bool(int(flags, 8) & os.O_DIRECT)
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+async def test_qcow2_external_data_file_follows_the_cache_mode(
+    direct_dir: Path, cache: str
+) -> None:
+    """The data file named inside the image is opened in the export's cache mode."""
+    require_tools("qemu-img", "qemu-io")
+    img, data = direct_dir / "disk.qcow2", direct_dir / "disk.data"
+    await run("qemu-img", "create", "-f", "qcow2", "-o", f"data_file={data}", img, "8M")
+    async with running_server(export(img, "d", format="qcow2", cache=cache)) as srv:
+        assert srv.registry is not None
+        top = srv.registry.lookup("d").chain.top  # type: ignore[union-attr]
+        assert isinstance(top, Qcow2Driver)
+        assert isinstance(top.file, FileBackend)
+        assert top.data_file is not top.file
+        assert _fd_is_direct(top.file.fd) == (cache == "none")
+        assert _fd_is_direct(top.data_file.fd) == (cache == "none")
+        await run("qemu-io", "-f", "raw", "-c", "write -P 7 1000 70000", uri(srv, "d"))
+    await run("qemu-img", "check", "-f", "qcow2", img)
+    out = direct_dir / "out.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)
+    assert out.read_bytes() == bytes(1000) + b"\x07" * 70000 + bytes(8 * MiB - 71000)

@@ -324,7 +324,8 @@ class Qcow2Driver(FormatDriver):
             path = resolve_backing_path(self._file.path, name, allowed)
         except Exception as exc:
             raise InvalidImageError(f"external data file: {exc}") from exc
-        self.data_file = FileBackend.open(path, read_only=self.read_only)
+        # the export's cache mode applies to the data file too (cache=none: O_DIRECT)
+        self.data_file = FileBackend.open(path, read_only=self.read_only, direct=self._file.direct)
         self._own_data_file = True
 
     async def _load_snapshots(self, header: Qcow2Header) -> list[tuple[int, int]]:

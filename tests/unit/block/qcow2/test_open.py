@@ -12,7 +12,9 @@ from nbdserve.block.file import FileBackend
 from nbdserve.block.formats import OpenOptions
 from nbdserve.block.qcow2 import create_image, open_image
 from nbdserve.block.qcow2.structs import HDR_INCOMPATIBLE_FEATURES
-from nbdserve.errors import BackingChainError, InvalidImageError
+from nbdserve.config import ExportConfig
+from nbdserve.errors import BackingChainError, ConfigError, InvalidImageError
+from nbdserve.server.exports import open_export
 
 
 async def _make(tmp_path: Path, **opts: str) -> Path:
@@ -176,3 +178,29 @@ async def test_data_file_in_a_directory_the_export_allows(tmp_path: Path) -> Non
     await create_image(str(own), 4 << 20, {"data_file": "own.data"})
     with pytest.raises(InvalidImageError, match="outside"):
         await _open_chain(own, backing_dirs=[str(outside)])
+
+
+async def test_data_file_confined_by_the_export_configuration(tmp_path: Path) -> None:
+    """The export's ``backing_dirs`` (not a format setting) decides where a data file
+    named inside the image may be: refused with a clear error outside, served inside."""
+    outside, inside = _outside_and_inside(tmp_path)
+    path = inside / "img.qcow2"
+    await create_image(str(path), 4 << 20, {"data_file": str(outside / "img.data")})
+    refused = [
+        ExportConfig(name="d", path=str(path), format="qcow2"),
+        # a "backing_dirs" format setting is no way around the export's directories
+        ExportConfig(
+            name="d", path=str(path), format="qcow2", settings={"backing_dirs": [str(outside)]}
+        ),
+    ]
+    for cfg in refused:
+        with pytest.raises(ConfigError, match=r"external data file: .*outside the allowed"):
+            await open_export(cfg)
+    cfg = ExportConfig(
+        name="d", path=str(path), format="qcow2", backing_dirs=(str(inside), str(outside))
+    )
+    export = await open_export(cfg)
+    try:
+        assert export.device.size == 4 << 20
+    finally:
+        await export.chain.aclose()

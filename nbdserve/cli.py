@@ -24,6 +24,7 @@ from nbdserve.config import (
     load_config,
 )
 from nbdserve.errors import ConfigError, NbdServeError
+from nbdserve.logformat import JsonFormatter, KeyValueFormatter
 
 LOGGER = logging.getLogger("nbdserve")
 
@@ -212,38 +213,12 @@ def _log_settings(args: argparse.Namespace) -> tuple[int, str]:
     return verbosity, getattr(args, "sub_log_format", args.log_format)
 
 
-class _KeyValueFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        base = (
-            f"{self.formatTime(record)} level={record.levelname.lower()} "
-            f"logger={record.name} {record.getMessage()}"
-        )
-        if record.exc_info:
-            base += "\n" + self.formatException(record.exc_info)
-        return base
-
-
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        import json
-
-        doc: dict[str, object] = {
-            "time": self.formatTime(record),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            doc["exception"] = self.formatException(record.exc_info)
-        return json.dumps(doc)
-
-
 def setup_logging(verbosity: int, fmt: str = "text") -> None:
     level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
         verbosity, logging.DEBUG if verbosity > 0 else logging.CRITICAL
     )
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if fmt == "json" else _KeyValueFormatter())
+    handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

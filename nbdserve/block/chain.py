@@ -158,7 +158,7 @@ async def _open_layer(
             read_only, settings, allowed_dirs=None if allowed is None else tuple(allowed)
         )
         driver = await module.open_image(file, open_options)
-        LOGGER.debug("opened %s as %s (read_only=%s)", path, fmt, read_only)
+        LOGGER.debug("event=image-open path=%r format=%s read_only=%s", path, fmt, read_only)
         return driver
     except UnknownFormatError as exc:
         await file.aclose()
@@ -213,7 +213,7 @@ async def _open_nbd_backing(
     from nbdserve.block.nbdclient import open_nbd_uri
 
     driver = await open_nbd_uri(ref)
-    LOGGER.debug("opened NBD backing %s for %s", ref, overlay_path)
+    LOGGER.debug("event=image-open-nbd-backing uri=%r overlay=%r", ref, overlay_path)
     return driver
 
 

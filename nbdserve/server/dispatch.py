@@ -46,8 +46,13 @@ async def dispatch(
     *,
     strict: bool = False,
     stats: ExportStats | None = None,
+    origin: str = "client=- export=-",
 ) -> Chunks:
-    """Run one request and return the reply chunks to send."""
+    """Run one request and return the reply chunks to send.
+
+    ``origin`` (``client=... export=...``, made once per connection) goes into
+    the log lines of failed requests; the successful path never touches it.
+    """
     try:
         return await _run(conn, device, req)
     except BlockError as exc:
@@ -58,26 +63,38 @@ async def dispatch(
             fast_zero=bool(req.flags & CmdFlag.FAST_ZERO),
             df=bool(req.flags & CmdFlag.DF),
         )
-        if errno == NbdErrno.EIO:
-            LOGGER.warning("request %s failed: %s", _describe(req), exc)
-        else:
-            LOGGER.debug("request %s refused: %s", _describe(req), exc)
+        # EIO is the server's failure (a broken image, a full disk); the other
+        # errors answer the client's own request and are routine for it
+        level = logging.WARNING if errno == NbdErrno.EIO else logging.DEBUG
+        LOGGER.log(
+            level,
+            "event=request-failed %s %s errno=%s error=%r",
+            origin,
+            describe_request(req.cmd, req.offset, req.length, req.flags),
+            errno.name,
+            str(exc),
+        )
         return [conn.reply_error(req.handle, errno, str(exc), req.offset)]
     except Exception:
         if stats is not None:
             stats.errors += 1
         if strict:
             raise
-        LOGGER.exception("internal error on request %s", _describe(req))
+        LOGGER.exception(
+            "event=request-crash %s %s",
+            origin,
+            describe_request(req.cmd, req.offset, req.length, req.flags),
+        )
         return [conn.reply_error(req.handle, NbdErrno.EIO, "internal server error", req.offset)]
 
 
-def _describe(req: Request) -> str:
+def describe_request(cmd: int, offset: int, length: int, flags: int) -> str:
+    """The key=value fields that identify a request in a log line."""
     try:
-        name = Cmd(req.cmd).name
+        name = Cmd(cmd).name
     except ValueError:
-        name = str(req.cmd)
-    return f"{name} offset={req.offset} length={req.length} flags={req.flags:#x}"
+        name = str(cmd)
+    return f"cmd={name} offset={offset} length={length} flags={flags:#x}"
 
 
 async def _run(conn: ServerConnection, device: BlockDevice, req: Request) -> Chunks:

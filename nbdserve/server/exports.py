@@ -13,6 +13,7 @@ from nbdserve.block.chain import Chain, ChainOptions, open_chain
 from nbdserve.block.device import BlockDevice
 from nbdserve.config import ExportConfig
 from nbdserve.errors import ConfigError, ImageError, NbdServeError
+from nbdserve.logformat import quote
 from nbdserve.protocol.constants import TxFlag
 from nbdserve.server.stats import ExportStats
 
@@ -165,7 +166,9 @@ class ExportRegistry:
             if wanted.get(name) != export.config:
                 del self._exports[name]
                 self._draining.append(export)
-                LOGGER.info("event=export-removed export=%s clients=%d", name, export.connections)
+                LOGGER.info(
+                    "event=export-removed export=%s clients=%d", quote(name), export.connections
+                )
                 await self.release(export)
         for name, cfg in wanted.items():
             if name not in self._exports:
@@ -176,14 +179,14 @@ class ExportRegistry:
             export = await open_export(cfg, self.force_read_only)
         except ConfigError as exc:
             if any(d.config.path == cfg.path for d in self._draining):
-                LOGGER.info("event=export-pending export=%s reason=%r", cfg.name, str(exc))
+                LOGGER.info("event=export-pending export=%s reason=%r", quote(cfg.name), str(exc))
                 self._pending[cfg.name] = cfg  # retried when the old one closes
             else:
-                LOGGER.error("event=export-failed export=%s error=%r", cfg.name, str(exc))
+                LOGGER.error("event=export-failed export=%s error=%r", quote(cfg.name), str(exc))
             return
         self._pending.pop(cfg.name, None)
         self._exports[cfg.name] = export
-        LOGGER.info("event=export-added export=%s", cfg.name)
+        LOGGER.info("event=export-added export=%s", quote(cfg.name))
         await self._start_background(export)
 
     async def release(self, export: Export) -> None:
@@ -203,7 +206,9 @@ class ExportRegistry:
             try:
                 await _close_export(export)
             except NbdServeError as exc:
-                LOGGER.error("export=%s close failed: %s", export.name, exc)
+                LOGGER.error(
+                    "event=export-close-failed export=%s error=%r", quote(export.name), str(exc)
+                )
                 first = first or exc
         self._exports.clear()
         self._draining.clear()
@@ -218,7 +223,7 @@ async def _close_export(export: Export) -> None:
         assert export.background_done is not None
         await export.background_done.wait()
     await export.chain.aclose()
-    LOGGER.info("export=%s closed", export.name)
+    LOGGER.info("event=export-closed export=%s", quote(export.name))
 
 
 async def open_export(cfg: ExportConfig, force_read_only: bool = False) -> Export:
@@ -241,9 +246,9 @@ async def open_export(cfg: ExportConfig, force_read_only: bool = False) -> Expor
         raise ConfigError(f"export {cfg.name!r}: {exc}") from exc
     device = BlockDevice(chain.top, read_only=read_only)
     LOGGER.info(
-        "export=%s path=%s format=%s size=%d read_only=%s",
-        cfg.name,
-        cfg.path,
+        "event=export-open export=%s path=%s format=%s size=%d read_only=%s",
+        quote(cfg.name),
+        quote(cfg.path),
         chain.top.format_name,
         device.size,
         device.read_only,

@@ -108,6 +108,9 @@ class _Server:
         self.registry = registry
         self.strict = strict
         self.sessions: set[Session] = set()
+        # connections accepted and not yet ended, counted at accept: a session
+        # joins ``sessions`` only once its task runs, after more accepts maybe
+        self.connections = 0
 
     async def run(
         self,
@@ -170,15 +173,22 @@ class _Server:
                     await trio.sleep(0.1)
                     continue
                 raise
-            if len(self.sessions) >= self.config.max_connections:
+            if self.connections >= self.config.max_connections:
                 LOGGER.warning(
                     "connection refused: max_connections=%d reached", self.config.max_connections
                 )
                 await trio.aclose_forcefully(stream)
                 continue
+            self.connections += 1
             sessions.start_soon(self._run_session, stream)
 
     async def _run_session(self, stream: trio.SocketStream) -> None:
+        try:
+            await self._session(stream)
+        finally:
+            self.connections -= 1
+
+    async def _session(self, stream: trio.SocketStream) -> None:
         transport = SocketTransport.from_stream(stream)
         session = Session(
             transport, self.registry, self.config, tls=self.tls_context, strict=self.strict

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import trio
 
 from nbdserve.errors import NbdErrno, RemoteProtocolError
+from nbdserve.logformat import quote
 from nbdserve.protocol import events as ev
 from nbdserve.protocol.connection import ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
@@ -38,6 +39,7 @@ from nbdserve.server import tls
 from nbdserve.server.dispatch import (
     SPARSE_READ_MIN,
     block_status_reply,
+    describe_request,
     dispatch,
     status_extents_wanted,
 )
@@ -138,6 +140,8 @@ class Session:
         self.stats = ExportStats()  # replaced by the export's once one is chosen
         self._max_read = self.conn.max_payload + 1
         self.requests = 0
+        # the fields naming this connection in a failed request's log line
+        self._origin = f"client={self.peer} export=-"
 
     def begin_shutdown(self) -> None:
         """Stop reading; in-flight requests still finish and get their replies."""
@@ -168,7 +172,7 @@ class Session:
             log(
                 "event=disconnect client=%s export=%s requests=%d reason=%r",
                 self.peer,
-                self.export.name if self.export else "-",
+                quote(self.export.name) if self.export else "-",
                 self.requests,
                 self.end_reason,
             )
@@ -176,10 +180,11 @@ class Session:
     async def _serve(self, export: Export) -> None:
         self.export = export
         self.stats = export.stats
+        self._origin = f"client={self.peer} export={quote(export.name)}"
         export.connections += 1
         export.stats.clients += 1
         try:
-            LOGGER.info("event=attach client=%s export=%s", self.peer, export.name)
+            LOGGER.info("event=attach client=%s export=%s", self.peer, quote(export.name))
             await self._transmission(export)
         finally:
             export.connections -= 1
@@ -409,7 +414,12 @@ class Session:
             case ev.OptExportName(name=name):
                 export = self._usable_export(name)
                 if not isinstance(export, Export):
-                    LOGGER.info("client=%s export=%r refused: %s", self.peer, name, export[1])
+                    LOGGER.info(
+                        "event=export-refused client=%s export=%s reason=%r",
+                        self.peer,
+                        quote(name),
+                        export[1],
+                    )
                     return None  # EXPORT_NAME cannot fail politely: close
                 await self._reply(self._export_reply(export))
                 return export
@@ -620,12 +630,25 @@ class Session:
             elif isinstance(event, ev.InvalidRequest):
                 stats.count(event.cmd)
                 stats.errors += 1
+                self._log_invalid(event)
                 out.append(conn.reply_error(event.handle, event.errno, event.reason, event.offset))
             elif not isinstance(event, ev.Disconnect | ev.ConnectionClosed):
                 raise AssertionError(f"unexpected transmission event {event!r}")
         stats.bytes_read += read_bytes
         stats.bytes_written += write_bytes
         return deferred
+
+    def _log_invalid(self, event: ev.InvalidRequest) -> None:
+        # the client's own mistake (past the end, bad flags): routine for the
+        # server, so only with -v; a misbehaving client cannot flood the log
+        if LOGGER.isEnabledFor(logging.DEBUG):
+            LOGGER.debug(
+                "event=request-invalid %s %s errno=%s error=%r",
+                self._origin,
+                describe_request(event.cmd, event.offset, event.length, event.flags),
+                NbdErrno(event.errno).name,
+                event.reason,
+            )
 
     def _refuse_all(
         self, events: list[object], out: list[bytes | bytearray | memoryview]
@@ -691,7 +714,9 @@ class Session:
         started = perf_counter()
         stats.inflight += 1
         try:
-            chunks = await dispatch(self.conn, device, req, strict=self.strict, stats=stats)
+            chunks = await dispatch(
+                self.conn, device, req, strict=self.strict, stats=stats, origin=self._origin
+            )
             if req.payload is not None:
                 self.conn.recycle(req.payload)
             try:

@@ -9,6 +9,7 @@ have buffered what the bad client sent.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import struct
@@ -298,6 +299,64 @@ async def test_nbdinfo_after_misbehaviour(tmp_path: Path) -> None:
 
 
 # ---- resource limits --------------------------------------------------------------
+
+
+async def greeted_or_closed(stream: trio.SocketStream) -> bool:
+    """True when the server greets this connection, False when it hangs up at once."""
+    with trio.fail_after(5):
+        try:
+            data = await stream.receive_some(4096)
+        except trio.BrokenResourceError:
+            data = b""
+    if data:
+        assert data.startswith(b"NBDMAGICIHAVEOPT"), data
+    return bool(data)
+
+
+async def test_max_connections(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="nbdserve.server.serve")
+    async with setup(tmp_path, max_connections=2) as s:
+        a = await s.good_client()
+        b = await s.good_client()
+        # the third is accepted and closed at once, with a warning naming the limit
+        third = await s.raw()
+        assert await closed_by_server(third) == b""
+        refusals = [r for r in caplog.records if "max_connections" in r.getMessage()]
+        assert len(refusals) == 1
+        assert refusals[0].levelno == logging.WARNING
+        # the clients already in keep working
+        assert await a.read(MiB, 12) == b"acknowledged"
+        await b.write(0, b"still here")
+        s.model[0:10] = b"still here"
+        assert await a.read(0, 10) == b"still here"
+        # once one leaves, a new client gets in
+        await a.disconnect()
+        assert await a.receive_eof() == b""
+        await a.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        async with await s.good_client() as c:
+            assert await c.read(0, 10) == b"still here"
+        await b.aclose()
+        await trio.testing.wait_all_tasks_blocked()
+        # a burst of connections that arrive together (connected without letting the
+        # server run in between, so it accepts them back to back): exactly the
+        # limit gets in
+        for _ in range(5):
+            burst = [
+                trio.SocketStream(
+                    trio.socket.from_stdlib_socket(
+                        socket.create_connection(("127.0.0.1", s.srv.port), timeout=5)
+                    )
+                )
+                for _ in range(6)
+            ]
+            await trio.testing.wait_all_tasks_blocked()
+            greeted = [await greeted_or_closed(x) for x in burst]
+            assert sum(greeted) == 2, greeted
+            for x in burst:
+                await x.aclose()
+            await trio.testing.wait_all_tasks_blocked()
+        await s.assert_still_serving()
 
 
 def process_rss(pid: int) -> int:

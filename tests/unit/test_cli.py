@@ -278,7 +278,7 @@ def test_log_options_before_or_after_serve(tmp_path: Path, placement: list[str])
     assert lines
     records = [json.loads(line) for line in lines]  # JSON, whichever side it was given
     # -v: debug records, such as the connection the test made, are shown
-    assert any(r["level"] == "debug" for r in records)
+    assert any(r["level"] == "debug" and r.get("event") == "connect" for r in records)
 
 
 def test_verbose_counts_on_both_sides_and_quiet_after_serve(tmp_path: Path) -> None:

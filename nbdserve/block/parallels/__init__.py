@@ -457,7 +457,9 @@ class ParallelsDriver(FormatDriver):
                     await file.preallocate(file.size, target - file.size)
                     return
                 except NotSupportedError:
-                    LOGGER.info("%s: fallocate unsupported; growing by truncate", file.path)
+                    LOGGER.info(
+                        "event=parallels-fallocate-unsupported path=%r action=truncate", file.path
+                    )
                     self._prealloc_mode = "truncate"
             await file.truncate(target)
 
@@ -616,7 +618,7 @@ class ParallelsDriver(FormatDriver):
             await trio.lowlevel.checkpoint()
             return
         LOGGER.info(
-            "%s: dropping %d unreferenced bytes at the end of the image",
+            "event=parallels-trim-tail path=%r unreferenced_bytes=%d",
             file.path,
             file.size - self._data_end,
         )
@@ -686,9 +688,9 @@ async def open_image(file: FileBackend, options: OpenOptions) -> ParallelsDriver
     if not read_only:
         _refuse_unsafe_writes(file.path, header, geometry, problems, file.size)
     elif header.unclean:
-        LOGGER.warning("%s: parallels image was not closed cleanly; serving read-only", file.path)
+        LOGGER.warning("event=parallels-unclean path=%r action=read-only", file.path)
     if geometry.ext_offset and not read_only:
-        LOGGER.warning("%s: parallels format extension ignored in read-write mode", file.path)
+        LOGGER.warning("event=parallels-extension-ignored path=%r mode=read-write", file.path)
     driver = ParallelsDriver(
         file,
         read_only=read_only,

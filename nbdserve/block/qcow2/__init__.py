@@ -173,7 +173,7 @@ async def _repair_dirty(driver: Qcow2Driver) -> None:
     when it opens a dirty image read-write)."""
     from nbdserve.block.qcow2.check import check_file
 
-    LOGGER.warning("qcow2 %s has the dirty bit set: rebuilding refcounts", driver._file.path)
+    LOGGER.warning("event=qcow2-dirty path=%r action=rebuild-refcounts", driver._file.path)
     report = await check_file(driver._file, "all")
     if report.corruptions or report.check_errors:
         raise InvalidImageError(
@@ -854,7 +854,11 @@ class Qcow2Driver(FormatDriver):
 
     def mark_failed(self, reason: str) -> None:
         if self._failed is None:
-            LOGGER.error("qcow2 %s: %s; refusing further writes", self._file.path, reason)
+            LOGGER.error(
+                "event=qcow2-failed path=%r error=%r action=refuse-writes",
+                self._file.path,
+                str(reason),
+            )
             self._failed = reason
 
     async def write_l1_entry(self, l1_index: int, value: int) -> None:

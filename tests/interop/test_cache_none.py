@@ -12,7 +12,7 @@ import pytest
 from nbdserve.block.file import FileBackend
 from nbdserve.block.qcow2 import Qcow2Driver
 from tests.conftest import require_tools
-from tests.helpers.server import export, run, running_server, uri
+from tests.helpers.server import export, run, running_server, server_process, unix_uri, uri
 
 MiB = 1024 * 1024
 
@@ -86,6 +86,42 @@ async def test_qcow2_external_data_file_follows_the_cache_mode(
         assert _fd_is_direct(top.file.fd) == (cache == "none")
         assert _fd_is_direct(top.data_file.fd) == (cache == "none")
         await run("qemu-io", "-f", "raw", "-c", "write -P 7 1000 70000", uri(srv, "d"))
+    await run("qemu-img", "check", "-f", "qcow2", img)
+    out = direct_dir / "out.raw"
+    await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)
+    assert out.read_bytes() == bytes(1000) + b"\x07" * 70000 + bytes(8 * MiB - 71000)
+
+
+def _image_fds_direct(pid: int, path: Path) -> list[bool]:
+    """O_DIRECT of every descriptor process ``pid`` holds on ``path`` (from /proc)."""
+    out = []
+    for name in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{name}")
+            with open(f"/proc/{pid}/fdinfo/{name}") as f:
+                flags = next(line for line in f if line.startswith("flags:")).split()[1]
+        except OSError:  # closed meanwhile
+            continue
+        if target == str(path):
+            out.append(bool(int(flags, 8) & os.O_DIRECT))
+    return out
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+async def test_cli_cache_flag(direct_dir: Path, cache: str) -> None:
+    """``nbdserve serve --cache MODE`` in a child process: the image and its backing
+    file are open with O_DIRECT exactly when MODE is none, and qemu-io's unaligned
+    write through it lands."""
+    require_tools("qemu-img", "qemu-io")
+    base, img = direct_dir / "base.raw", direct_dir / "disk.qcow2"
+    await run("qemu-img", "create", "-q", "-f", "raw", base, "8M")
+    await run("qemu-img", "create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", img)
+    sock = direct_dir / "nbd.sock"
+    argv = ["serve", "--cache", cache, "-f", "qcow2", "-k", str(sock), str(img)]
+    with server_process(argv, socket_path=str(sock)) as proc:
+        await run("qemu-io", "-f", "raw", "-c", "write -P 7 1000 70000", unix_uri(sock))
+        assert _image_fds_direct(proc.pid, img) == [cache == "none"]
+        assert _image_fds_direct(proc.pid, base) == [cache == "none"]
     await run("qemu-img", "check", "-f", "qcow2", img)
     out = direct_dir / "out.raw"
     await run("qemu-img", "convert", "-f", "qcow2", "-O", "raw", img, out)

@@ -21,6 +21,7 @@ import trio
 
 from nbdserve.config import ServerConfig
 from nbdserve.errors import ConfigError, NbdServeError
+from nbdserve.logformat import quote
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.metrics import parse_address, serve_metrics
 from nbdserve.server.session import Session
@@ -128,7 +129,7 @@ class _Server:
                 for addr in handle.tcp_addresses:
                     LOGGER.info("event=listening address=%s:%d", *addr)
                 for path in handle.unix_paths:
-                    LOGGER.info("event=listening socket=%s", path)
+                    LOGGER.info("event=listening socket=%s", quote(path))
                 task_status.started(handle)
                 await handle._stop.wait()
                 accepting.cancel_scope.cancel()
@@ -169,13 +170,16 @@ class _Server:
                 stream = await listener.accept()
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS):
-                    LOGGER.error("accept failed (%s); pausing", exc)
+                    # out of descriptors or memory: retry shortly rather than stop serving
+                    LOGGER.error("event=accept-failed error=%r action=pause", str(exc))
                     await trio.sleep(0.1)
                     continue
                 raise
             if self.connections >= self.config.max_connections:
                 LOGGER.warning(
-                    "connection refused: max_connections=%d reached", self.config.max_connections
+                    "event=connection-refused client=%s reason=max_connections limit=%d",
+                    _peer_of(stream),
+                    self.config.max_connections,
                 )
                 await trio.aclose_forcefully(stream)
                 continue
@@ -205,6 +209,15 @@ class _Server:
             self.sessions.discard(session)
 
 
+def _peer_of(stream: trio.SocketStream) -> str:
+    """``HOST:PORT`` of a TCP client, ``unix`` for a Unix-socket one."""
+    try:
+        peer = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+
+
 async def _open_listeners(
     config: ServerConfig,
 ) -> tuple[list[trio.SocketListener], ServerHandle]:
@@ -216,7 +229,7 @@ async def _open_listeners(
             if isinstance(name, tuple):
                 handle.tcp_addresses.append((name[0], name[1]))
             else:
-                LOGGER.info("event=listening socket=%s (socket activation)", name)
+                LOGGER.info("event=listening socket=%s activation=systemd", quote(str(name)))
         return activated, handle
     listeners: list[trio.SocketListener] = []
     try:

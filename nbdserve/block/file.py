@@ -499,6 +499,14 @@ class FileBackend:
                     f"{_PERM_NAMES[bit]!r} permission (is QEMU using it?)"
                 )
 
+    def write_held_elsewhere(self) -> bool:
+        """Whether another open file description holds the write permission lock.
+
+        Only openers that lock are seen (the server does by default; ``img``
+        tools do not), so False means "no locking writer", not "no writer".
+        """
+        return self._locked_elsewhere(LOCK_PERM_BASE + PERM_WRITE)
+
     def _set_lock(self, byte: int) -> None:
         try:
             fcntl.fcntl(self.fd, _F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, byte, 1, 0))

@@ -1300,14 +1300,35 @@ class FvdDriver(FormatDriver):
             data["prefetch-bytes-total"] = total
             data["prefetch-progress"] = f"{100.0 * done / total:.1f}%" if total else "100.0%"
             data["prefetch-start-delay"] = h.prefetch_start_delay
-            if self.prefetcher is not None:
-                data["prefetch-state"] = self.prefetcher.state.value
+            data.update(self._describe_prefetch())
         doc: dict[str, object] = {
             "cluster-size": h.block_size,
             "dirty-flag": not h.clean_shutdown,
             "format-specific": {"type": "fvd", "data": data},
         }
         return doc
+
+    def _describe_prefetch(self) -> dict[str, object]:
+        """What is known of the copy, for ``img info``.
+
+        The prefetcher's state and rates live only in the process that runs it
+        (the header has no field for them): this process reports them; any
+        other, e.g. ``img info`` next to a server, tells only whether a locking
+        writer has the image open ("in-use-elsewhere": see that server's log
+        and metrics) or not ("stopped"), the copied bytes coming from the
+        bitmap and journal on disk.
+        """
+        if self.prefetcher is not None:
+            s = self.prefetcher.statistics()
+            return {
+                "prefetch-state": s.state,
+                "prefetch-read-kib-s": round(s.read_throughput),
+                "prefetch-write-kib-s": round(s.write_throughput),
+            }
+        if self.header.base_img_fully_prefetched:
+            return {"prefetch-state": "done"}
+        busy = self._file.write_held_elsewhere()
+        return {"prefetch-state": "in-use-elsewhere" if busy else "stopped"}
 
 
 def _append_segment(out: list[Segment], seg: Segment) -> None:

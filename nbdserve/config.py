@@ -113,7 +113,7 @@ class ServerConfig:
 # missing here is type-checked only.
 _RANGES: dict[str, tuple[float, float, str]] = {
     "shared": (0, math.inf, ">= 0"),  # 0 = unlimited
-    "max_chain_depth": (0, math.inf, ">= 0"),  # 0 = no backing files
+    "max_chain_depth": (1, math.inf, ">= 1"),  # images, the top one included; 1 = no backing
     "port": (0, 65535, "in 0..65535"),  # 0 = any free port
     "max_connections": (1, math.inf, ">= 1"),
     "max_inflight": (1, math.inf, ">= 1"),

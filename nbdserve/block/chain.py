@@ -36,6 +36,7 @@ DEFAULT_MAX_DEPTH = 16
 class ChainOptions:
     fmt: str | None = None
     read_only: bool = False
+    # images in the chain, the top one included (16: the overlay and 15 backing files)
     max_depth: int = DEFAULT_MAX_DEPTH
     # None: the top image's own directory tree
     backing_dirs: Sequence[str] | None = None
@@ -74,10 +75,6 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
         read_only = options.read_only
         settings = options.settings
         while True:
-            if len(layers) > options.max_depth:
-                raise BackingChainError(
-                    f"backing chain of {path} is deeper than {options.max_depth}"
-                )
             lock = None if not options.locking else "backing" if layers else "top"
             driver = await _open_layer(
                 cur_path,
@@ -97,11 +94,8 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
             if ref is None:
                 break
             ref_path, ref_fmt = ref
+            _check_depth(path, len(layers) + 1, options.max_depth)
             if _is_nbd_reference(ref_path):
-                if len(layers) >= options.max_depth + 1:
-                    raise BackingChainError(
-                        f"backing chain of {path} is deeper than {options.max_depth}"
-                    )
                 nbd_layer = await _open_nbd_backing(cur_path, ref_path, ref_fmt, options)
                 layers.append(nbd_layer)
                 layers[-2].set_backing(nbd_layer)
@@ -115,6 +109,16 @@ async def open_chain(path: str, options: ChainOptions) -> Chain:
     except BaseException:
         await _close_layers(layers)
         raise
+
+
+def _check_depth(top_path: str, images: int, max_depth: int) -> None:
+    """``max_depth`` counts the images of the chain, the top one included (QEMU has no
+    such limit; an untrusted image must not make the server open files without end)."""
+    if images > max_depth:
+        raise BackingChainError(
+            f"backing chain of {top_path} is deeper than {max_depth} "
+            "(max_chain_depth: images in the chain, this one included)"
+        )
 
 
 async def _close_layers(layers: list[FormatDriver]) -> None:

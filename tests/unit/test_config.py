@@ -42,7 +42,7 @@ _BAD = [
     ("", "shared = -3", "'shared'", ">= 0"),
     ("", "shared = true", "'shared'", "integer"),
     ("", "shared = 1.5", "'shared'", "integer"),
-    ("", "max_chain_depth = -1", "'max_chain_depth'", ">= 0"),
+    ("", "max_chain_depth = 0", "'max_chain_depth'", ">= 1"),
     ("", "probe_raw = 1", "'probe_raw'", "boolean"),
     ("", "locking = 0", "'locking'", "boolean"),
     ("", "tls_required = 'yes'", "'tls_required'", "boolean"),

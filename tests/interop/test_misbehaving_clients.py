@@ -15,12 +15,14 @@ import socket
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
 
-from nbdserve.protocol.constants import IHAVEOPT, Cmd, Opt, Rep
+from nbdserve.protocol.constants import IHAVEOPT, Cmd, CmdFlag, Opt, Rep
+from nbdserve.server import session as session_module
 from nbdserve.server.serve import ServerHandle
 from tests.conftest import require_tools
 from tests.helpers import client as cl
@@ -356,6 +358,77 @@ async def test_max_connections(tmp_path: Path, caplog: pytest.LogCaptureFixture)
             for x in burst:
                 await x.aclose()
             await trio.testing.wait_all_tasks_blocked()
+        await s.assert_still_serving()
+
+
+class Gate:
+    """Wraps the server's request dispatch: counts requests inside it and holds
+    them until opened (a slow driver, without a slow disk)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.inside = 0
+        self.most = 0
+        self.started = 0
+        self.opened = trio.Event()
+        real = getattr(session_module, "dispatch")  # noqa: B009 - private to session.py
+
+        async def dispatch(*args: Any, **kwargs: Any) -> Any:
+            self.started += 1
+            self.inside += 1
+            self.most = max(self.most, self.inside)
+            try:
+                await self.opened.wait()
+                await trio.sleep(0.001)
+                return await real(*args, **kwargs)
+            finally:
+                self.inside -= 1
+
+        monkeypatch.setattr(session_module, "dispatch", dispatch)
+
+
+async def test_max_inflight_is_back_pressure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client pipelining 64 x 1 MiB FUA WRITEs (handled off the inline path) never
+    has more than max_inflight of them inside the server; the server stops reading
+    rather than queueing, so the client cannot even send them all; all get answered."""
+    gate = Gate(monkeypatch)
+    count, limit = 64, 4
+    async with setup(tmp_path, max_inflight=limit) as s:
+        gate.opened.set()  # setup's own write went through
+        gate.opened = trio.Event()
+        gate.most = gate.started = 0
+        stats = s.srv.registry.lookup("disk").stats  # type: ignore[union-attr]
+        c = await s.good_client()
+        payloads = [bytes([h]) * MiB for h in range(count)]
+        sent = 0
+
+        async def pipeline() -> None:
+            nonlocal sent
+            for h, data in enumerate(payloads):
+                await c.submit(Cmd.WRITE, (h % 4) * MiB, MiB, int(CmdFlag.FUA), data)
+                sent += 1
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pipeline)
+                await trio.testing.wait_all_tasks_blocked(0.2)
+                # held: exactly the limit is inside, the server counts as many in flight,
+                # and the client is stuck sending (nothing more is read off its socket)
+                assert gate.inside == gate.most == limit
+                assert stats.inflight == limit
+                assert sent < count
+                gate.opened.set()
+                replies = await c.replies(count)
+        assert sent == count
+        assert sorted(replies) == list(range(1, count + 1))  # every handle, once
+        assert all(r.error == 0 for r in replies.values())
+        assert gate.most == limit
+        assert gate.started == count
+        assert stats.inflight == 0
+        for h in range(count - 4, count):  # the last write to each MiB wins
+            s.model[(h % 4) * MiB : (h % 4 + 1) * MiB] = payloads[h]
+        await c.aclose()
         await s.assert_still_serving()
 
 

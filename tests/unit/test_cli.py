@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -296,3 +297,34 @@ def test_verbose_counts_on_both_sides_and_quiet_after_serve(tmp_path: Path) -> N
     text = log.read_text()
     assert "event=listening" in text
     assert "level=debug" not in text  # -v and -q cancel out: info
+
+
+def _every_config_key() -> set[str]:
+    from nbdserve import config
+
+    return set(config._SERVER_KEYS) | set(config._EXPORT_KEYS) | set(config._SETTINGS_SHORTCUTS)
+
+
+def test_every_config_key_is_in_the_readme_tables_and_no_other() -> None:
+    readme = (REPO / "README.md").read_text()
+    documented = set()
+    for table in ("[server]", "[[export]]"):
+        start = readme.index(f"| `{table}` key")
+        rows = readme[start : readme.index("\n\n", start)]
+        documented |= set(re.findall(r"^\| `(\w+)`", rows, re.M))
+    assert documented == _every_config_key()
+
+
+def test_example_config_shows_every_key_and_its_commented_lines_are_valid() -> None:
+    text = (REPO / "configs" / "example.toml").read_text()
+    shown = set(re.findall(r"^#?\s*(\w+) = ", text, re.M))
+    assert _every_config_key() <= shown
+    # what a user gets by uncommenting the examples must load (lines indented after
+    # the "#", such as a parallels-only setting, are left out)
+    uncommented = re.sub(r"^# (\w+ = )", r"\1", text, flags=re.M)
+    config = config_from_mapping(
+        tomllib.loads(uncommented), origin=str(REPO / "configs" / "example.toml")
+    )
+    assert config.tls == "require"
+    assert config.metrics is not None
+    assert config.exports[0].allow is not None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import errno as _errno
+from typing import Self
 
 
 class NbdErrno(enum.IntEnum):
@@ -74,7 +75,20 @@ class BackingChainError(ImageError):
 
 
 class BlockError(NbdServeError):
-    """Raised by drivers during I/O."""
+    """Raised by drivers during I/O.
+
+    ``offset`` is the guest offset of the first byte that failed, when the
+    layer that raised knows it: a structured READ then answers with
+    NBD_REPLY_TYPE_ERROR_OFFSET, telling the client where its data went bad.
+    """
+
+    offset: int | None = None
+
+    def at(self, offset: int) -> Self:
+        """Record where the error is, unless a lower layer already said more exactly."""
+        if self.offset is None:
+            self.offset = offset
+        return self
 
 
 class ReadOnlyError(BlockError):

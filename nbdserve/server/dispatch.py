@@ -74,7 +74,11 @@ async def dispatch(
             errno.name,
             str(exc),
         )
-        return [conn.reply_error(req.handle, errno, str(exc), req.offset)]
+        return [
+            conn.reply_error(
+                req.handle, errno, str(exc), req.offset, error_offset=read_error_offset(req, exc)
+            )
+        ]
     except Exception:
         if stats is not None:
             stats.errors += 1
@@ -86,6 +90,18 @@ async def dispatch(
             describe_request(req.cmd, req.offset, req.length, req.flags),
         )
         return [conn.reply_error(req.handle, NbdErrno.EIO, "internal server error", req.offset)]
+
+
+def read_error_offset(req: Request, exc: BlockError) -> int | None:
+    """Where a READ failed, for NBD_REPLY_TYPE_ERROR_OFFSET; None: a plain ERROR.
+
+    Only when the driver knows the place and it lies inside the request (an
+    aligned read-around may fail before it: then the request's first byte is
+    where it fails); proto.md wants the offset within the request's range.
+    """
+    if req.cmd != Cmd.READ or exc.offset is None or exc.offset >= req.offset + req.length:
+        return None
+    return max(exc.offset, req.offset)
 
 
 def describe_request(cmd: int, offset: int, length: int, flags: int) -> str:

@@ -230,19 +230,33 @@ def _classify_extended(
 
 
 def check_units(
-    g: Geometry, kinds: np.ndarray, hosts: np.ndarray, l2_offset: int, host_limit: int | None
+    g: Geometry,
+    kinds: np.ndarray,
+    hosts: np.ndarray,
+    l2_offset: int,
+    host_limit: int | None,
+    guest_base: int = 0,
 ) -> None:
-    """Raise CorruptImageError for entries QEMU would also refuse."""
-    if (kinds == RunKind.INVALID).any():
+    """Raise CorruptImageError for entries QEMU would also refuse.
+
+    ``guest_base`` is the guest offset of the first unit: the error carries the
+    guest offset of the first bad one (a READ reports it as ERROR_OFFSET).
+    """
+
+    def at(bad: np.ndarray) -> int:
+        return guest_base + (int(np.flatnonzero(bad)[0]) << g.unit_bits)
+
+    invalid = kinds == RunKind.INVALID
+    if invalid.any():
         raise CorruptImageError(
             f"L2 table at {l2_offset:#x} has a subcluster both allocated and zero"
-        )
+        ).at(at(invalid))
     bad = kinds == RunKind.MISALIGNED
     if bad.any():
         host = int(hosts[np.flatnonzero(bad)[0]])
         raise CorruptImageError(
             f"cluster allocation offset {host:#x} unaligned (L2 table at {l2_offset:#x})"
-        )
+        ).at(at(bad))
     if host_limit is not None:
         beyond = (kinds == RunKind.NORMAL) & (hosts >= np.uint64(host_limit))
         if beyond.any():
@@ -250,7 +264,7 @@ def check_units(
             raise CorruptImageError(
                 f"data cluster at {host:#x} lies past the end of the image file "
                 f"(L2 table at {l2_offset:#x})"
-            )
+            ).at(at(beyond))
 
 
 def units_to_runs(
@@ -467,10 +481,9 @@ class ClusterMap:
         self.tables_mapped += 1
         self.units_classified += count
         kinds, hosts, entries = classify(g, table, first_unit, count)
-        check_units(g, kinds, hosts, l2_off, self.host_limit)
-        runs = units_to_runs(
-            g, kinds, hosts, entries, base + (first_unit << g.unit_bits), first_unit
-        )
+        guest_start = base + (first_unit << g.unit_bits)
+        check_units(g, kinds, hosts, l2_off, self.host_limit, guest_start)
+        runs = units_to_runs(g, kinds, hosts, entries, guest_start, first_unit)
         return clip_runs(runs, start, end)
 
     # ---- the synchronous fast path -----------------------------------------------------

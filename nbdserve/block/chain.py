@@ -155,6 +155,8 @@ async def _open_layer(
         if fmt is None:
             header = bytes(await file.pread(0, formats.PROBE_SIZE))
             fmt = formats.probe(header, allow_raw=probe_raw)
+            if fmt == "raw":
+                _warn_probed_raw(path)
         if lock is not None:
             file.lock(*lock_bits(fmt, backing=lock == "backing", read_only=read_only))
         module = formats.load(fmt)
@@ -175,6 +177,19 @@ async def _open_layer(
     except BaseException:
         await file.aclose()
         raise
+
+
+def _warn_probed_raw(path: str) -> None:
+    """QEMU warns too: a guest of a probed raw image can write a format's magic to its
+    first sector, and the next open would read the image as that format (and follow
+    whatever backing file the guest named)."""
+    LOGGER.warning(
+        "event=format-probed-raw path=%r warning=%r",
+        path,
+        "image format was not specified and probing guessed raw; give the format "
+        '(format = "raw", --format raw), or set probe_raw = false (--no-probe-raw) '
+        "to refuse unrecognised images",
+    )
 
 
 def lock_bits(fmt: str, *, backing: bool, read_only: bool) -> tuple[list[int], list[int]]:

@@ -21,6 +21,8 @@ from nbdserve.block.fvd.structs import (
     HEADER_FIELD_OFFSETS,
     JOURNAL_BITMAP_TYPE,
     JOURNAL_TABLE_TYPE,
+    MAX_JOURNAL_SIZE,
+    MAX_TABLE_ENTRIES,
 )
 from nbdserve.errors import BackingChainError, ImageError, InvalidImageError
 
@@ -105,6 +107,10 @@ HEADER_CASES = [
     ("journal_offset", 1 << 40, "journal region .* past the end of the file"),
     ("data_offset", 8192, "runs past data_offset"),
     ("virtual_disk_size", (1 << 62) + (1 << 20), "too large"),
+    ("data_offset", 1 << 40, "data_offset .* lies past the end of the file"),
+    ("journal_size", MAX_JOURNAL_SIZE + 512, "journal_size .* is too large"),
+    # 1 MiB chunks: one entry more than the bound (the base, and so the bitmap, stay small)
+    ("virtual_disk_size", (MAX_TABLE_ENTRIES + 1) * MIB, "table of .* entries is too large"),
 ]
 
 
@@ -117,6 +123,17 @@ async def test_bad_header_field_is_refused(
         await open_fvd(image)
     with pytest.raises(InvalidImageError, match=message):
         await open_fvd(image, read_only=True)
+
+
+@pytest.mark.parametrize("region", ["table", "journal"])
+async def test_misaligned_region_is_refused(image: Path, region: str) -> None:
+    offset = getattr(await header_of(image), f"{region}_offset")
+    assert offset  # the fixture's image is compact and has a journal
+    patch_field(image, f"{region}_offset", offset + 512)
+    with pytest.raises(
+        InvalidImageError, match=f"{region} region at {offset + 512} is not aligned"
+    ):
+        await open_fvd(image)
 
 
 async def test_huge_bitmap_is_refused_without_allocating(image: Path) -> None:

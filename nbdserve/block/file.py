@@ -224,8 +224,11 @@ class FileBackend:
 
         False when unknown: callers use it to decide that a sendfile of the
         range cannot wait on the disk, so "don't know" must mean "might".
+        Always False with O_DIRECT: reads of such a descriptor bypass the page
+        cache, and a sendfile from it fails with EINVAL once a partial send
+        leaves an unaligned offset.
         """
-        if _SYS_CACHESTAT is None or not self._cachestat_ok:
+        if self.direct or _SYS_CACHESTAT is None or not self._cachestat_ok:
             return False
         rng = _CachestatRange(offset, length)
         out = _Cachestat()

@@ -74,11 +74,17 @@ def add_img_parser(sub: Any) -> None:
 
     create = isub.add_parser("create", help="create an image")
     create.add_argument("-f", "--format", default="raw")
-    create.add_argument("-o", "--options", action="append", default=[])
+    create.add_argument(
+        "-o",
+        "--options",
+        action="append",
+        default=[],
+        help="format options NAME=VALUE,...; '-o help' lists them for the format",
+    )
     create.add_argument("-b", "--backing", help="backing file")
     create.add_argument("-F", "--backing-format", help="backing file format")
     create.add_argument("-q", "--quiet", action="store_true")
-    create.add_argument("path")
+    create.add_argument("path", nargs="?")  # optional only for -o help
     create.add_argument("size", nargs="?")
     create.set_defaults(func=cmd_create)
 
@@ -135,6 +141,13 @@ def cmd_create(args: argparse.Namespace) -> int:
     options: dict[str, str] = {}
     for text in args.options:
         options.update(parse_options(text))
+    if "help" in options or "?" in options:  # qemu-img's -o help: list, create nothing
+        from nbdserve.block.createopts import options_help
+
+        print(options_help(args.format))
+        return 0
+    if args.path is None:
+        raise ConfigError("image path required")
     size = parse_size(args.size) if args.size else None
     if size is None and args.backing is None:
         raise ConfigError("image size required (or a backing file to take it from)")

@@ -87,6 +87,11 @@ def _plan_cluster(drv: Qcow2Driver, idx: int, entry: int, bitmap: int, wlo: int,
     copied = bool(entry & QCOW_OFLAG_COPIED)
     present = not compressed and (bool(host) or (external and copied))
     reuse = present and (external or copied)
+    limit = drv.cmap.host_limit
+    if reuse and limit is not None and host >= limit:
+        # as on the read path: an in-place write there would grow the file to
+        # wherever the (untrusted) entry points
+        raise CorruptImageError(f"data cluster at {host:#x} lies past the end of the image file")
     free_entry = entry if (not reuse and (host or compressed) and not external) else 0
     if not g.extended_l2:
         zero_flag = g.has_zero_flag and bool(entry & QCOW_OFLAG_ZERO) and not compressed

@@ -5,11 +5,13 @@ from __future__ import annotations
 import fcntl
 import os
 import random
+import sys
 from pathlib import Path
 
 import pytest
 
 from nbdserve.block.file import FileBackend
+from nbdserve.block.fvd import FvdDriver
 from nbdserve.block.qcow2 import Qcow2Driver
 from nbdserve.protocol.constants import Cmd
 from tests.conftest import require_tools
@@ -153,3 +155,24 @@ async def test_pipelined_reads_of_page_cached_data_with_cache_none(
     for reply in replies.values():
         assert not reply.error
         assert reply.data == b"\x3c" * (256 * 1024)
+
+
+@pytest.mark.parametrize("cache", ["none", "writeback"])
+async def test_fvd_data_file_follows_the_cache_mode(direct_dir: Path, cache: str) -> None:
+    """An FVD image's separate data file is opened in the export's cache mode too."""
+    require_tools("qemu-io", "qemu-img")
+    img, data = direct_dir / "disk.fvd", direct_dir / "disk.data"
+    await run(sys.executable, "-m", "nbdserve", "img", "create", "-f", "fvd",
+              "-o", f"data_file={data.name}", img, "8M")  # fmt: skip
+    async with running_server(export(img, "d", format="fvd", cache=cache)) as srv:
+        assert srv.registry is not None
+        top = srv.registry.lookup("d").chain.top  # type: ignore[union-attr]
+        assert isinstance(top, FvdDriver)
+        store = top._store
+        assert store is not top.file
+        assert _fd_is_direct(top.file.fd) == (cache == "none")
+        assert _fd_is_direct(store.fd) == (cache == "none")
+        await run("qemu-io", "-f", "raw", "-c", "write -P 7 1000 70000", uri(srv, "d"))
+        out = direct_dir / "out.raw"
+        await run("qemu-img", "convert", "-f", "raw", "-O", "raw", uri(srv, "d"), out)
+    assert out.read_bytes() == bytes(1000) + b"\x07" * 70000 + bytes(8 * MiB - 71000)

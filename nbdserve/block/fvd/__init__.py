@@ -218,7 +218,7 @@ async def open_image(file: FileBackend, options: OpenOptions) -> FvdDriver:
     store: FileBackend = file
     if header.data_file:
         path = resolve_data_file(file.path, header.data_file, _allowed_dirs(file, options))
-        store = FileBackend.open(path, read_only=read_only)
+        store = FileBackend.open(path, read_only=read_only, direct=file.direct)
     try:
         if header.need_zero_init and store.is_block_device:
             raise InvalidImageError(

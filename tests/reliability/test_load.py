@@ -222,6 +222,17 @@ async def settled_fd_count(pid: int, target: int, timeout: float = 10) -> int:
     return count
 
 
+async def idle_fd_count(pid: int, seconds: float = 1.0) -> int:
+    """The fewest fds over a quiet second: the readiness probe's connection may
+    still be closing when the server starts listening."""
+    count = fd_count(pid)
+    with trio.move_on_after(seconds):
+        while True:
+            await trio.sleep(0.05)
+            count = min(count, fd_count(pid))
+    return count
+
+
 @dataclass
 class LoadResult:
     requests: int
@@ -261,7 +272,7 @@ async def load_test(tmp_path: Path, seconds: float, seed: int) -> None:
     with server_process(
         ["serve", "-f", "qcow2", "-k", str(sock), str(img)], socket_path=str(sock)
     ) as proc:
-        idle_fds = fd_count(proc.pid)
+        idle_fds = await idle_fd_count(proc.pid)
         warm = await run_load(clients, sock, min(3.0, seconds / 4))
         assert not warm.errors, "\n".join(warm.errors[:10])
         fds_before = await settled_fd_count(proc.pid, idle_fds)

@@ -58,9 +58,6 @@ RECEIVE_SIZE = 256 * 1024
 # poll a quiet socket this long before parking in the scheduler (queue depth 1
 # latency: measured 12k -> 17.5k IOPS for 4 KiB random reads at QD1)
 SPIN_SECONDS = 30e-6
-# ... but not while another connection had a batch this recently: its next
-# request may already wait in the scheduler, and spinning would delay it
-SPIN_QUIET = 1e-3
 # while requests keep arriving, let other tasks run at least this often
 YIELD_INTERVAL = 0.5e-3
 _JOIN_LIMIT = 64 * 1024
@@ -68,16 +65,6 @@ _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _FUA = int(CmdFlag.FUA)
-
-
-class _LastBatch:
-    """Which session answered a batch last, and when batches last changed hands.
-
-    One event loop, no lock: plain class attributes.
-    """
-
-    session = 0  # id() of the session: holding the object would keep it alive
-    handover: float = 0.0
 
 
 # reads at least this large go out with sendfile when the device allows it
@@ -328,13 +315,10 @@ class Session:
 
         A client at queue depth 1 sends its next request a few tens of
         microseconds after our reply; parking costs more than that.  Only
-        when no other task is waiting to run and no other connection is
-        busy, and only for SPIN_SECONDS.
+        when no other task is waiting to run, and only for SPIN_SECONDS.
         """
         if trio.lowlevel.current_statistics().tasks_runnable:
             return None
-        if perf_counter() - _LastBatch.handover < SPIN_QUIET:
-            return None  # connections take turns: the next one may be waiting
         try_receive = self.transport.try_receive
         deadline = perf_counter() + SPIN_SECONDS
         while perf_counter() < deadline:
@@ -541,9 +525,6 @@ class Session:
                 await self._receive()
                 continue
             started = perf_counter()
-            if _LastBatch.session != id(self):
-                _LastBatch.session = id(self)
-                _LastBatch.handover = started
             self.requests += len(events)
             out: list[bytes | bytearray | memoryview] = []
             files: list[_FileReply] = []

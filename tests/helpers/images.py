@@ -8,6 +8,7 @@ a test that also runs an in-process server use the async ``arun`` (or
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -17,6 +18,7 @@ from tests.helpers.server import run as arun
 
 __all__ = [
     "arun",
+    "direct_io_supported",
     "assert_clean",
     "expected_nbd_maps",
     "chain_map_from_nbdinfo",
@@ -152,3 +154,13 @@ async def read_driver(path: str | Path, fmt: str | None = None) -> bytes:
         return bytes(buf)
     finally:
         await chain.aclose()
+
+
+def direct_io_supported(directory: Path) -> bool:
+    """Whether files in ``directory`` can be opened with O_DIRECT (tmpfs cannot)."""
+    try:
+        fd = os.open(directory / "probe", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
+    except OSError:
+        return False
+    os.close(fd)
+    return True

@@ -16,23 +16,15 @@ from nbdserve.block.qcow2 import Qcow2Driver
 from nbdserve.protocol.constants import Cmd
 from tests.conftest import require_tools
 from tests.helpers.client import NbdClient
+from tests.helpers.images import direct_io_supported
 from tests.helpers.server import export, run, running_server, server_process, unix_uri, uri
 
 MiB = 1024 * 1024
 
 
-def _direct_supported(tmp_path: Path) -> bool:
-    try:
-        fd = os.open(tmp_path / "probe", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 @pytest.fixture
 def direct_dir(tmp_path: Path) -> Path:
-    if not _direct_supported(tmp_path):
+    if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     return tmp_path
 

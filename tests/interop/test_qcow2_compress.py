@@ -10,7 +10,6 @@ true``) and compare the guest contents with what the clients wrote.
 from __future__ import annotations
 
 import json
-import os
 import random
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 from nbdserve.block.qcow2 import Qcow2Driver
 from nbdserve.config import load_config
 from tests.conftest import require_tools
+from tests.helpers.images import direct_io_supported
 from tests.helpers.server import (
     export,
     run,
@@ -51,15 +51,6 @@ def source_image(rng: random.Random) -> bytes:
     data[3 * MiB : 4 * MiB] = rng.randbytes(MiB)
     data[9 * MiB : 10 * MiB] = bytes(MiB)
     return bytes(data)
-
-
-def _direct_supported(d: Path) -> bool:
-    try:
-        fd = os.open(d / "probe", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 async def _create(path: Path, compression: str) -> None:
@@ -129,7 +120,7 @@ async def test_client_writes_are_stored_compressed(
     tmp_path: Path, compression: str, cache: str
 ) -> None:
     require_tools("qemu-img", "qemu-io", "nbdcopy")
-    if cache == "none" and not _direct_supported(tmp_path):
+    if cache == "none" and not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     rng = random.Random(f"{compression}-{cache}")
     img = tmp_path / "disk.qcow2"
@@ -162,7 +153,7 @@ async def test_client_writes_are_stored_compressed(
 async def test_without_the_write_cache(tmp_path: Path) -> None:
     """compress_cache_size = 0: every request writes its extents directly."""
     require_tools("qemu-img", "qemu-io", "nbdcopy")
-    cache = "none" if _direct_supported(tmp_path) else "writeback"
+    cache = "none" if direct_io_supported(tmp_path) else "writeback"
     rng = random.Random(3)
     img = tmp_path / "disk.qcow2"
     await _create(img, "zlib")
@@ -185,7 +176,7 @@ async def test_a_tiny_write_cache_under_many_parallel_requests(tmp_path: Path) -
     hit the bound before any FLUSH (and make room or wait for it), the cache never
     holds more than two active clusters, and it recovers; data and refcounts stay right."""
     require_tools("qemu-img", "nbdcopy")
-    cache = "none" if _direct_supported(tmp_path) else "writeback"
+    cache = "none" if direct_io_supported(tmp_path) else "writeback"
     rng = random.Random(4)
     img = tmp_path / "disk.qcow2"
     await _create(img, "zstd")
@@ -316,7 +307,7 @@ async def test_fio_sequential_write_throughput(tmp_path: Path) -> None:
     without the write cache (zlib and zstd images) and uncompressed; prints MiB/s and
     image sizes."""
     require_tools("qemu-img", "fio")
-    if not _direct_supported(tmp_path):
+    if not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     size = 1024 * MiB
     results = {}

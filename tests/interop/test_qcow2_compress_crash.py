@@ -26,6 +26,7 @@ from tests.conftest import require_tools
 from tests.helpers.checks import CheckResult, assert_clean, qemu_img_check
 from tests.helpers.client import NbdClient
 from tests.helpers.crash import UNIT, UnitModel, Workload, kill_after, read_all, verify
+from tests.helpers.images import direct_io_supported
 from tests.helpers.server import run, server_process
 
 pytestmark = pytest.mark.interop
@@ -105,22 +106,11 @@ def _assert_no_corruption(result: CheckResult, where: str) -> None:
     assert result.corruptions == 0, f"{where}: corruption: {result}"
 
 
-def _direct_supported(d: Path) -> bool:
-    import os
-
-    try:
-        fd = os.open(d / "probe", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 async def test_sigkill_during_compressed_writes(tmp_path: Path, variant: str) -> None:
     require_tools("qemu-img")
     compression, cache, cache_size = VARIANTS[variant]
-    if cache == "none" and not _direct_supported(tmp_path):
+    if cache == "none" and not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     rng = random.Random(variant)
     image = tmp_path / "disk.qcow2"

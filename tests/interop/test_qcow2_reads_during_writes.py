@@ -11,7 +11,6 @@ deadlock timeout).  No timing threshold decides the outcome.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from nbdserve.protocol.constants import Cmd
 from nbdserve.server.serve import ServerHandle
 from tests.conftest import require_tools
 from tests.helpers.client import NbdClient
-from tests.helpers.images import assert_clean, qemu_img, qemu_io
+from tests.helpers.images import assert_clean, direct_io_supported, qemu_img, qemu_io
 from tests.helpers.server import export, running_server
 
 pytestmark = pytest.mark.interop
@@ -44,7 +43,7 @@ async def test_reads_complete_while_unrelated_writes_are_in_flight(
     img = tmp_path / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", img, "64M")
     qemu_io(img, "write -P 0x5a 0 8M")
-    if cache == "none" and not _direct_supported(tmp_path):
+    if cache == "none" and not direct_io_supported(tmp_path):
         pytest.skip("this file system refuses O_DIRECT")
     async with running_server(export(img, "d", format="qcow2", cache=cache)) as srv:
         await _run(srv)
@@ -53,15 +52,6 @@ async def test_reads_complete_while_unrelated_writes_are_in_flight(
         img, "read -P 0x5a 0 8M", *(f"read -P {i + 1} {32 + i}M 1M" for i in range(WRITES))
     )
     assert out.count("read ") == WRITES + 1, out
-
-
-def _direct_supported(d: Path) -> bool:
-    try:
-        fd = os.open(d / "probe", os.O_CREAT | os.O_RDWR | os.O_DIRECT, 0o644)
-    except OSError:
-        return False
-    os.close(fd)
-    return True
 
 
 async def _run(srv: ServerHandle) -> None:

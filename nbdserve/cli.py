@@ -373,7 +373,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="nbdserve-demo-") as tmp:
         path = make_demo_image(tmp)
         export = ExportConfig(
-            name="demo", path=path, format=None, description="nbdserve built-in demo disk"
+            name="demo", path=path, format="raw", description="nbdserve built-in demo disk"
         )
         config = ServerConfig(exports=(export,), bind=args.bind, port=args.port)
 

@@ -122,6 +122,16 @@ class FileBackend:
         self._punch_ok = True
         self._zero_range_ok = True
         self._cachestat_ok = True
+        # one cachestat argument pair per file, filled in place: building the
+        # ctypes structures cost more than the syscall on the sendfile path
+        self._cs_range = _CachestatRange()
+        self._cs_out = _Cachestat()
+        self._cs_args = (ctypes.byref(self._cs_range), ctypes.byref(self._cs_out))
+        # a file seen without holes at open stays so until this process makes
+        # one (punch, zero range, preallocation, a gap past the end); until
+        # then all_data() need not ask the file system, whose SEEK_HOLE walks
+        # every extent up to the next hole (the end of file)
+        self._holes_possible = self.is_block_device or _has_hole(fd, self._size)
         self._closed = False
 
     @classmethod
@@ -155,7 +165,10 @@ class FileBackend:
         return self._size
 
     def refresh_size(self) -> int:
-        self._size = os.fstat(self.fd).st_size
+        size = os.fstat(self.fd).st_size
+        if size != self._size:
+            self._holes_possible = True  # changed by someone else: ask the file system
+        self._size = size
         return self._size
 
     # ---- reads --------------------------------------------------------------
@@ -230,16 +243,19 @@ class FileBackend:
         """
         if self.direct or _SYS_CACHESTAT is None or not self._cachestat_ok:
             return False
-        rng = _CachestatRange(offset, length)
-        out = _Cachestat()
-        if _libc.syscall(_SYS_CACHESTAT, self.fd, ctypes.byref(rng), ctypes.byref(out), 0):
+        rng = self._cs_range
+        rng.off = offset
+        rng.len = length
+        if _libc.syscall(_SYS_CACHESTAT, self.fd, *self._cs_args, 0):
             self._cachestat_ok = False
             return False
         pages = (offset + length + _PAGE - 1) // _PAGE - offset // _PAGE
-        return bool(out.nr_cache >= pages)
+        return bool(self._cs_out.nr_cache >= pages)
 
     def all_data(self, offset: int, length: int) -> bool:
-        """True when the range holds no hole (one SEEK_HOLE)."""
+        """True when the range holds no hole (one SEEK_HOLE, unless the file has none)."""
+        if not self._holes_possible:
+            return offset + length <= self._size
         try:
             return os.lseek(self.fd, offset, os.SEEK_HOLE) >= offset + length
         except (OSError, OverflowError):
@@ -281,6 +297,8 @@ class FileBackend:
         except OSError as exc:
             raise from_os_error(exc, f"write {self.path}") from exc
         if offset + n > self._size:
+            if offset > self._size:
+                self._holes_possible = True  # the gap before the write
             self._size = offset + n
 
     # ---- O_DIRECT helpers (run in worker threads) ----------------------------
@@ -377,12 +395,15 @@ class FileBackend:
                 raise from_os_error(exc, f"truncate {self.path}") from exc
 
         await trio.to_thread.run_sync(work)
+        if size > self._size:
+            self._holes_possible = True
         self._size = size
         self._started_end = min(self._started_end, size)
 
     async def preallocate(self, offset: int, length: int, *, keep_size: bool = False) -> None:
         """Reserve host space (fallocate mode 0); extends the file unless keep_size."""
         mode = _FALLOC_FL_KEEP_SIZE if keep_size else 0
+        self._holes_possible = True  # unwritten extents read as holes to SEEK_HOLE
         await trio.to_thread.run_sync(self._fallocate, mode, offset, length, "preallocate")
         if not keep_size and offset + length > self._size:
             self._size = offset + length
@@ -391,6 +412,7 @@ class FileBackend:
         """Deallocate; the range then reads as zeros.  NotSupportedError if impossible."""
         if not self._punch_ok or self.is_block_device:
             raise NotSupportedError("hole punching not supported")
+        self._holes_possible = True
         try:
             await trio.to_thread.run_sync(
                 self._fallocate,
@@ -407,6 +429,7 @@ class FileBackend:
         """Zero without writing data (FALLOC_FL_ZERO_RANGE), keeping allocation."""
         if not self._zero_range_ok or self.is_block_device:
             raise NotSupportedError("zero range not supported")
+        self._holes_possible = True  # unwritten extents read as holes to SEEK_HOLE
         try:
             await trio.to_thread.run_sync(
                 self._fallocate, _FALLOC_FL_ZERO_RANGE, offset, length, "zero range"
@@ -541,6 +564,16 @@ class FileBackend:
 
 _ZEROS = bytes(1 << 20)
 _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def _has_hole(fd: int, size: int) -> bool:
+    """Whether the file has a hole before ``size`` (True when the system can't say)."""
+    if size == 0:
+        return False
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < size
+    except (OSError, OverflowError):
+        return True
 
 
 def _block_device_size(fd: int) -> int:

@@ -197,23 +197,6 @@ class Session:
         finally:
             lock.release()
 
-    async def _guarded_send(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
-        """Run one whole reply write under the send lock, never half of one."""
-        lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            if self._broken:
-                raise trio.BrokenResourceError("an earlier reply could not be sent")
-            await self._shielded(write, *args)
-        except BaseException:
-            self._mark_broken()
-            raise
-        finally:
-            lock.release()
-
     async def _shielded(self, write: Callable[..., Awaitable[None]], *args: object) -> None:
         """Finish a write that had to wait for the socket.
 
@@ -261,9 +244,24 @@ class Session:
             await self.transport.send_all(piece)
 
     async def _send_file(self, reply: _FileReply) -> None:
-        await self._guarded_send(
-            self.transport.send_file, reply.header, reply.fd, reply.offset, reply.length
-        )
+        """Like _send for a sendfile reply: no cancel scope unless the socket is full."""
+        lock = self._send_lock
+        try:
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self._broken:
+                raise trio.BrokenResourceError("an earlier reply could not be sent")
+            transport = self.transport
+            rest = transport.try_send_file(reply.header, reply.fd, reply.offset, reply.length)
+            if rest is not None:
+                await self._shielded(transport.send_file, *rest)
+        except BaseException:
+            self._mark_broken()
+            raise
+        finally:
+            lock.release()
 
     async def _receive_payload(self, target: memoryview) -> None:
         """Fill a large payload straight from the socket, as far as it has data."""

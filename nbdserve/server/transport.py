@@ -45,6 +45,13 @@ class Transport(Protocol):
 
     async def receive_into(self, buf: memoryview) -> int: ...
 
+    def try_send_file(
+        self, header: bytes, fd: int, offset: int, count: int
+    ) -> tuple[bytes, int, int, int] | None:
+        """Like send_file as far as the socket takes it now: None when all of it
+        went, else the arguments that send the rest."""
+        ...
+
     async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
         """``header``, then ``count`` bytes of file ``fd`` from ``offset``."""
         ...
@@ -131,28 +138,36 @@ class SocketTransport:
                 await trio.lowlevel.wait_writable(self.sock)
         await trio.lowlevel.checkpoint_if_cancelled()
 
-    async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
-        """Zero-copy: the header with MSG_MORE, then sendfile(2) from the page cache."""
+    def try_send_file(
+        self, header: bytes, fd: int, offset: int, count: int
+    ) -> tuple[bytes, int, int, int] | None:
+        """Zero-copy: the header with MSG_MORE, then sendfile(2) from the page cache,
+        without waiting; what the socket did not take is returned."""
         self._check()
         try:
-            sent = self.sock.send(header, stdsocket.MSG_MORE)
+            sent = self.sock.send(header, stdsocket.MSG_MORE) if header else 0
         except BlockingIOError:
             sent = 0
         except _BROKEN as exc:
             raise trio.BrokenResourceError(str(exc)) from exc
         if sent < len(header):
-            await self.send_all(memoryview(header)[sent:])
+            return header[sent:], fd, offset, count
         out_fd = self.sock.fileno()
         end = offset + count
         while offset < end:
             try:
                 offset += os.sendfile(out_fd, fd, offset, end - offset)
-                continue
             except BlockingIOError:
-                pass
+                return b"", fd, offset, end - offset
             except _BROKEN as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+        return None
+
+    async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
+        rest = self.try_send_file(header, fd, offset, count)
+        while rest is not None:
             await trio.lowlevel.wait_writable(self.sock)
+            rest = self.try_send_file(*rest)
 
     def try_receive(self, max_bytes: int) -> bytes | None:
         self._check()
@@ -235,6 +250,11 @@ class StreamTransport:
         data = await self.stream.receive_some(len(buf))
         buf[: len(data)] = data
         return len(data)
+
+    def try_send_file(
+        self, header: bytes, fd: int, offset: int, count: int
+    ) -> tuple[bytes, int, int, int] | None:
+        return header, fd, offset, count
 
     async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
         data = await trio.to_thread.run_sync(os.pread, fd, count, offset)

@@ -26,7 +26,7 @@ import logging
 import ssl
 from collections.abc import Awaitable, Callable
 from time import perf_counter
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import trio
 
@@ -66,6 +66,9 @@ _WRITE = int(Cmd.WRITE)
 _BLOCK_STATUS = int(Cmd.BLOCK_STATUS)
 _FUA = int(CmdFlag.FUA)
 
+# a reply as the send path takes it, and what of it the socket left for later
+_Reply = TypeVar("_Reply")
+_Rest = TypeVar("_Rest")
 
 # reads at least this large go out with sendfile when the device allows it
 ZERO_COPY_MIN = 64 * 1024
@@ -180,6 +183,18 @@ class Session:
 
     async def _send(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         """Send whole replies; without any await when the kernel takes them at once."""
+        await self._write_locked(self._write_now, chunks, self._write_rest)
+
+    async def _write_locked(
+        self,
+        write_now: Callable[[_Reply], _Rest | None],
+        reply: _Reply,
+        write_rest: Callable[[_Rest], Awaitable[None]],
+    ) -> None:
+        """Under the send lock: what the socket takes at once, then the rest shielded.
+
+        A reply the kernel takes whole costs no cancel scope and no await.
+        """
         lock = self._send_lock
         try:
             lock.acquire_nowait()
@@ -188,9 +203,9 @@ class Session:
         try:
             if self._broken:
                 raise trio.BrokenResourceError("an earlier reply could not be sent")
-            rest = self._write_now(chunks)
-            if rest:
-                await self._shielded(self._write_rest, rest)
+            rest = write_now(reply)
+            if rest is not None:
+                await self._shielded(write_rest, rest)
         except BaseException:
             self._mark_broken()
             raise
@@ -244,24 +259,13 @@ class Session:
             await self.transport.send_all(piece)
 
     async def _send_file(self, reply: _FileReply) -> None:
-        """Like _send for a sendfile reply: no cancel scope unless the socket is full."""
-        lock = self._send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            if self._broken:
-                raise trio.BrokenResourceError("an earlier reply could not be sent")
-            transport = self.transport
-            rest = transport.try_send_file(reply.header, reply.fd, reply.offset, reply.length)
-            if rest is not None:
-                await self._shielded(transport.send_file, *rest)
-        except BaseException:
-            self._mark_broken()
-            raise
-        finally:
-            lock.release()
+        await self._write_locked(self._file_now, reply, self._file_rest)
+
+    def _file_now(self, reply: _FileReply) -> tuple[bytes, int, int, int] | None:
+        return self.transport.try_send_file(reply.header, reply.fd, reply.offset, reply.length)
+
+    async def _file_rest(self, rest: tuple[bytes, int, int, int]) -> None:
+        await self.transport.send_file(*rest)
 
     async def _receive_payload(self, target: memoryview) -> None:
         """Fill a large payload straight from the socket, as far as it has data."""

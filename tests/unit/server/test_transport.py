@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import trio
 
 from nbdserve.server.transport import SocketTransport
@@ -22,91 +24,81 @@ def _pattern(n: int) -> bytes:
     return bytes((i * 7 + i // 4096) & 0xFF for i in range(n))
 
 
-def _small_buffers(sock: socket.socket) -> None:
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
+class Pair:
+    """Our transport on one end of a socket pair, the peer's socket on the other,
+    and a file of known bytes to send from."""
+
+    def __init__(self, tmp_path: Path, size: int, *, small_buffers: bool) -> None:
+        self.data = _pattern(size)
+        path = tmp_path / "data"
+        path.write_bytes(self.data)
+        self.fd = os.open(path, os.O_RDONLY)
+        ours, self.peer = socket.socketpair()
+        if small_buffers:
+            for sock in (ours, self.peer):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16 * KiB)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * KiB)
+        self.transport = SocketTransport(ours)
+
+    def drain(self, n: int) -> bytes:
+        self.peer.setblocking(True)
+        out = bytearray()
+        while len(out) < n:
+            chunk = self.peer.recv(n - len(out))
+            assert chunk, "peer closed early"
+            out += chunk
+        return bytes(out)
+
+    def close(self) -> None:
+        os.close(self.fd)
+        self.transport.sock.close()
+        self.peer.close()
 
 
-def _drain(sock: socket.socket, n: int) -> bytes:
-    sock.setblocking(True)
-    out = bytearray()
-    while len(out) < n:
-        chunk = sock.recv(n - len(out))
-        assert chunk, "peer closed early"
-        out += chunk
-    return bytes(out)
+@pytest.fixture
+def small(tmp_path: Path) -> Iterator[Pair]:
+    pair = Pair(tmp_path, 2 * MiB, small_buffers=True)
+    yield pair
+    pair.close()
 
 
-def test_try_send_file_returns_the_rest_when_the_socket_fills(tmp_path: Path) -> None:
-    data = _pattern(2 * MiB)
-    path = tmp_path / "data"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    ours, peer = socket.socketpair()
-    _small_buffers(ours)
-    _small_buffers(peer)
-    transport = SocketTransport(ours)
-    try:
-        header = b"H" * 16
-        rest = transport.try_send_file(header, fd, 4096, MiB)
-        assert rest is not None, "a 1 MiB reply cannot fit a 16 KiB socket buffer"
-        got = b""
-        while rest is not None:
-            head, rfd, offset, count = rest
-            assert rfd == fd
-            taken = len(header) + MiB - len(head) - count
-            got += peer.recv(256 * KiB)
-            assert len(got) <= taken
-            rest = transport.try_send_file(head, rfd, offset, count)
-        got += _drain(peer, len(header) + MiB - len(got))
-        assert got == header + data[4096 : 4096 + MiB]
-    finally:
-        os.close(fd)
-        ours.close()
-        peer.close()
+def test_try_send_file_returns_the_rest_when_the_socket_fills(small: Pair) -> None:
+    header = b"H" * 16
+    rest = small.transport.try_send_file(header, small.fd, 4096, MiB)
+    assert rest is not None, "a 1 MiB reply cannot fit a 16 KiB socket buffer"
+    got = b""
+    while rest is not None:
+        head, fd, offset, count = rest
+        assert fd == small.fd
+        taken = len(header) + MiB - len(head) - count
+        got += small.peer.recv(256 * KiB)
+        assert len(got) <= taken
+        rest = small.transport.try_send_file(head, fd, offset, count)
+    got += small.drain(len(header) + MiB - len(got))
+    assert got == header + small.data[4096 : 4096 + MiB]
 
 
 def test_try_send_file_whole_reply_at_once(tmp_path: Path) -> None:
-    data = _pattern(64 * KiB)
-    path = tmp_path / "data"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    ours, peer = socket.socketpair()
-    transport = SocketTransport(ours)
+    pair = Pair(tmp_path, 64 * KiB, small_buffers=False)
     try:
-        assert transport.try_send_file(b"hdr", fd, 0, len(data)) is None
-        assert _drain(peer, 3 + len(data)) == b"hdr" + data
+        assert pair.transport.try_send_file(b"hdr", pair.fd, 0, len(pair.data)) is None
+        assert pair.drain(3 + len(pair.data)) == b"hdr" + pair.data
     finally:
-        os.close(fd)
-        ours.close()
-        peer.close()
+        pair.close()
 
 
-async def test_send_file_waits_for_a_slow_reader(tmp_path: Path) -> None:
-    data = _pattern(MiB)
-    path = tmp_path / "data"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
-    ours, peer = socket.socketpair()
-    _small_buffers(ours)
-    _small_buffers(peer)
-    transport = SocketTransport(ours)
+async def test_send_file_waits_for_a_slow_reader(small: Pair) -> None:
     received = bytearray()
-    peer.setblocking(False)
+    small.peer.setblocking(False)
 
     async def slow_reader() -> None:
-        while len(received) < 5 + len(data):
-            await trio.lowlevel.wait_readable(peer)
-            received.extend(peer.recv(8 * KiB))
+        while len(received) < 5 + MiB:
+            await trio.lowlevel.wait_readable(small.peer)
+            received.extend(small.peer.recv(8 * KiB))
             await trio.lowlevel.checkpoint()
 
-    try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(slow_reader)
-            with trio.fail_after(10):
-                await transport.send_file(b"head!", fd, 0, len(data))
-        assert bytes(received) == b"head!" + data
-    finally:
-        os.close(fd)
-        ours.close()
-        peer.close()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(slow_reader)
+        with trio.fail_after(10):
+            await small.transport.send_file(b"head!", small.fd, 0, MiB)
+    assert bytes(received) == b"head!" + small.data[:MiB]

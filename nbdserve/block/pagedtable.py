@@ -168,7 +168,8 @@ class PagedTable:
         page = self._pages.get(index >> self.page_bits)
         if page is None:
             return self.fill
-        return int(page[index & self._mask])
+        # item() gives a Python int without a numpy scalar in between (half the cost)
+        return page.item(index & self._mask)  # type: ignore[no-any-return]
 
     def window(self, first: int, count: int) -> Array:
         """Entries ``[first, first+count)`` (clipped to the table); do not modify."""

@@ -236,6 +236,34 @@ class ParallelsDriver(FormatDriver):
 
     # ---- reads ------------------------------------------------------------------
 
+    def fast_reader(self) -> Callable[[int, memoryview], bool]:
+        """try_readinto with the common case first: a read inside one allocated
+        cluster is one table lookup and one pread, without the run loop and its
+        memoryview slices (~1 µs of a 4 KiB read's ~10)."""
+        if self._bad is not None:
+            return self.try_readinto
+        cs = self.cluster_size
+        get = self._bat.table.get
+        unit = self._bat.unit
+        pread = self._file.try_pread_into
+        stats = self._stats
+        general = self.try_readinto
+
+        def read(offset: int, buf: memoryview) -> bool:
+            index = offset // cs
+            within = offset - index * cs
+            n = len(buf)
+            host = get(index) * unit if within + n <= cs else 0
+            if not host or self._closed:
+                return general(offset, buf)
+            if not pread(host + within, buf):
+                return False
+            stats.reads += 1
+            stats.bytes_read += n
+            return True
+
+        return read
+
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
         """Serve from the page cache when every run is allocated or reads zeros."""
         if self._closed:

@@ -349,3 +349,34 @@ async def test_cancelled_write_leaves_a_clean_image(tmp_path: Path) -> None:
     assert await dev.read(20 * CS, 100) == b"w" * 100
     assert set(await dev.read(4 * CS, 8 * CS)) <= {0, ord("c")}
     await dev.aclose()
+
+
+async def test_fast_reader_agrees_with_readinto(tmp_path: Path) -> None:
+    """The server's inline read path (one lookup for a read inside one cluster)
+    returns what readinto returns, and declines only what it cannot answer now."""
+    path = await image(tmp_path)
+    drv = await open_driver(path)
+    try:
+        await drv.write(0, bytes(range(256)) * (3 * CS // 256))  # clusters 0-2
+        await drv.write(5 * CS + 100, b"\x77" * 5000)  # inside cluster 5
+        read = drv.fast_reader()
+        cases = [
+            (0, 4096),  # inside an allocated cluster
+            (CS - 2048, 4096),  # across two allocated clusters: the general path
+            (2 * CS + 60_000, 5536),  # the last bytes of cluster 2
+            (5 * CS, 8192),  # allocated by a partial write
+            (7 * CS, 4096),  # never written: zeros
+            (2 * CS + 64_000, 4096),  # allocated into unallocated
+        ]
+        for offset, length in cases:
+            fast = bytearray(length)
+            assert read(offset, memoryview(fast)), (offset, length)
+            slow = bytearray(length)
+            await drv.readinto(offset, memoryview(slow))
+            assert fast == slow, (offset, length)
+        reads = drv.statistics().reads
+        assert read(0, memoryview(bytearray(512)))
+        assert drv.statistics().reads == reads + 1, "inline reads are counted"
+    finally:
+        await drv.aclose()
+    assert not read(0, memoryview(bytearray(512))), "a closed image answers nothing inline"

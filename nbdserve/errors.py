@@ -95,6 +95,12 @@ class ReadOnlyError(BlockError):
     errno = NbdErrno.EPERM
 
 
+class ProbedHeaderError(BlockError):
+    """A write that would give a probed raw image another format's header (QEMU: EPERM)."""
+
+    errno = NbdErrno.EPERM
+
+
 class OutOfRangeError(BlockError):
     errno = NbdErrno.EINVAL
 

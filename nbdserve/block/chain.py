@@ -152,6 +152,7 @@ async def _open_layer(
         if key in seen:
             raise BackingChainError(f"backing chain loops back to {path}")
         seen.add(key)
+        probed = fmt is None
         if fmt is None:
             header = bytes(await file.pread(0, formats.PROBE_SIZE))
             fmt = formats.probe(header, allow_raw=probe_raw)
@@ -161,7 +162,10 @@ async def _open_layer(
             file.lock(*lock_bits(fmt, backing=lock == "backing", read_only=read_only))
         module = formats.load(fmt)
         open_options = formats.OpenOptions(
-            read_only, settings, allowed_dirs=None if allowed is None else tuple(allowed)
+            read_only,
+            settings,
+            allowed_dirs=None if allowed is None else tuple(allowed),
+            probed=probed,
         )
         driver = await module.open_image(file, open_options)
         LOGGER.debug("event=image-open path=%r format=%s read_only=%s", path, fmt, read_only)
@@ -180,9 +184,10 @@ async def _open_layer(
 
 
 def _warn_probed_raw(path: str) -> None:
-    """QEMU warns too: a guest of a probed raw image can write a format's magic to its
-    first sector, and the next open would read the image as that format (and follow
-    whatever backing file the guest named)."""
+    """QEMU warns too: a guest of a probed raw image could write a format's magic to
+    its first sector, and the next open would read the image as that format (and
+    follow whatever backing file the guest named).  RawDriver refuses such writes
+    (EPERM, as QEMU does); the warning still says how to stop guessing."""
     LOGGER.warning(
         "event=format-probed-raw path=%r warning=%r",
         path,

@@ -32,6 +32,8 @@ class OpenOptions:
     # directories the image's own file references (e.g. an FVD data_file) may
     # resolve into; None: the image's own directory (as chain.py does)
     allowed_dirs: tuple[str, ...] | None = None
+    # the format was guessed from the image's first bytes, not given
+    probed: bool = False
 
 
 class FormatModule(Protocol):

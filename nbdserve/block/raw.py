@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from nbdserve.block import formats
 from nbdserve.block.base import (
     Capabilities,
     Extent,
@@ -16,7 +17,8 @@ from nbdserve.block.base import (
     Support,
     fill_zeros,
 )
-from nbdserve.errors import NotSupportedError
+from nbdserve.block.formats import PROBE_SIZE
+from nbdserve.errors import NotSupportedError, ProbedHeaderError
 
 if TYPE_CHECKING:
     from nbdserve.block.base import Buffer
@@ -33,9 +35,14 @@ class RawDriver(FormatDriver):
         read_only: bool,
         window_offset: int = 0,
         window_size: int | None = None,
+        probed: bool = False,
     ) -> None:
         super().__init__(file, read_only=read_only or file.read_only)
         self._base = window_offset
+        # the format was guessed from the file's first bytes: like QEMU, refuse
+        # writes that would make the next probe guess another format (a guest
+        # writing a qcow2 header naming a host file as its backing file)
+        self._guard_header = probed and window_offset < PROBE_SIZE
         self.size = (file.size - window_offset) if window_size is None else window_size
         if self.size < 0:
             raise ValueError("raw window starts past the end of the file")
@@ -76,12 +83,33 @@ class RawDriver(FormatDriver):
         await self._file.pread_into(self._base + offset, buf)
 
     def try_write(self, offset: int, data: Buffer, *, fua: bool = False) -> bool:
-        return not fua and self._file.try_pwrite(self._base + offset, data)
+        if fua or (self._guard_header and self._base + offset < PROBE_SIZE):
+            return False
+        return self._file.try_pwrite(self._base + offset, data)
 
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
-        await self._file.pwrite(self._base + offset, data)
+        host = self._base + offset
+        if self._guard_header and host < PROBE_SIZE:
+            await self._check_header_write(host, data)
+        await self._file.pwrite(host, data)
         if fua:
             await self._file.sync()
+
+    async def _check_header_write(self, host: int, data: Buffer) -> None:
+        """Raise ProbedHeaderError if the probe would read the written header as a format.
+
+        Zeroing and trimming need no check: no format's magic is all zeros.
+        """
+        header = await self._file.pread(0, PROBE_SIZE)
+        view = memoryview(data).cast("B")
+        n = min(len(view), PROBE_SIZE - host)
+        header[host : host + n] = view[:n]
+        fmt = formats.probe(bytes(header), allow_raw=True)
+        if fmt != "raw":
+            raise ProbedHeaderError(
+                f"write refused: the image was probed as raw and this write would make "
+                f"it read as {fmt} (give the format explicitly to allow it)"
+            ).at(host - self._base)
 
     async def write_zeroes(
         self,

@@ -26,6 +26,7 @@ async def open_image(file: FileBackend, options: OpenOptions) -> RawDriver:
         read_only=options.read_only,
         window_offset=offset,
         window_size=None if size is None else int(str(size)),
+        probed=options.probed,
     )
 
 

@@ -1,6 +1,9 @@
 """Format probing and raw: raw is probed only when the operator allows it (and then
 with a warning naming the image, as QEMU warns); ``--format raw`` serves any file,
-even one that starts with another format's magic, as its raw bytes."""
+even one that starts with another format's magic, as its raw bytes.  A probed raw
+image refuses writes that would make the next probe read it as another format
+(QEMU answers EPERM the same way), so a guest cannot turn its disk into a qcow2
+overlay naming a host file as its backing file."""
 
 from __future__ import annotations
 
@@ -17,7 +20,14 @@ from nbdserve.config import ExportConfig
 from nbdserve.errors import ConfigError
 from nbdserve.server.exports import open_export
 from tests.conftest import require_tools
-from tests.helpers.server import run, server_process, unix_uri
+from tests.helpers.server import (
+    nbdsh_argv,
+    run,
+    running_server,
+    server_process,
+    unix_uri,
+    uri,
+)
 
 pytestmark = pytest.mark.interop
 
@@ -118,3 +128,46 @@ async def test_cli_probed_raw_warning_is_logged(tmp_path: Path) -> None:
     lines = [line for line in log.read_text().splitlines() if WARNING in line]
     assert len(lines) == 1, log.read_text()
     assert str(path) in lines[0]
+
+
+_PROBED_WRITES = """
+import errno
+def refused(data, offset):
+    try:
+        h.pwrite(data, offset)
+    except nbd.Error as e:
+        assert e.errno in ('EPERM', errno.EPERM) or 'EPERM' in str(e), e
+        return True
+    return False
+# a qcow2 header at offset 0, whole or completed by a short write at offset 3
+assert refused(b'QFI\\xfb' + bytes(508), 0), 'qcow2 magic written'
+h.pwrite(b'QFI' + bytes(509), 0)
+assert refused(b'\\xfb', 3), 'the last byte of the qcow2 magic written'
+assert refused(b'WithoutFreeSpace\\x02' + bytes(495), 0), 'parallels magic and version'
+# anything else in the first sector, and the same magic elsewhere, is a plain write
+h.pwrite(b'boot sector' + bytes(501), 0)
+h.pwrite(b'QFI\\xfb' + bytes(508), 8192)
+h.zero(4096, 0)
+assert h.pread(16, 8192)[:4] == b'QFI\\xfb'
+"""
+
+
+async def test_probed_raw_refuses_writes_that_would_change_its_format(tmp_path: Path) -> None:
+    require_tools("nbdsh", "qemu-img")
+    path = _unknown(tmp_path)
+    async with running_server(ExportConfig(name="d", path=str(path))) as srv:
+        await run(*nbdsh_argv(), "-u", uri(srv, "d"), "-c", _PROBED_WRITES)
+    data = path.read_bytes()
+    assert data[:4] == bytes(4), "the zeroed first sector (no refused write landed)"
+    assert data[8192:8196] == b"QFI\xfb"
+    info = await run("qemu-img", "info", "--output=json", path)
+    assert '"format": "raw"' in info
+
+
+async def test_named_raw_format_allows_any_header(tmp_path: Path) -> None:
+    require_tools("nbdsh")
+    path = _unknown(tmp_path)
+    script = "h.pwrite(b'QFI\\xfb' + bytes(508), 0)\nassert h.pread(4, 0) == b'QFI\\xfb'\n"
+    async with running_server(ExportConfig(name="d", path=str(path), format="raw")) as srv:
+        await run(*nbdsh_argv(), "-u", uri(srv, "d"), "-c", script)
+    assert path.read_bytes()[:4] == b"QFI\xfb"

@@ -182,3 +182,31 @@ async def test_fast_path_answers_zero_clusters_without_backing(tmp_path: Path, o
             assert not top.try_readinto(6 * 1024, memoryview(bytearray(4096)))
     finally:
         await chain.aclose()
+
+
+async def test_a_host_hole_or_two_does_not_make_an_image_preallocated(tmp_path: Path) -> None:
+    """QEMU calls an image metadata-preallocated (and then reports host holes under
+    data clusters as zeros) only when clearly more clusters are in use than the file
+    holds: a tenth more and at least two.  One hole must leave the map as QEMU has it."""
+    require_tools("qemu-img", "qemu-io")
+    path = tmp_path / "holed.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", path, "8M")
+    qemu_io(path, "write -P 0x5a 0 4M")
+    map_before = qemu_img_map(path)
+    # give one data cluster back to the host file system: qemu still calls it data
+    host = next(e["offset"] for e in json.loads(qemu_img("map", "--output=json", path)))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.fsync(fd)
+        punch = subprocess.run(
+            ["fallocate", "--punch-hole", "--offset", str(host + 65536), "--length", "65536",
+             str(path)],
+            check=False,
+        )  # fmt: skip
+    finally:
+        os.close(fd)
+    if punch.returncode != 0:
+        pytest.skip("the file system cannot punch holes")
+    theirs = qemu_img_map(path)
+    assert theirs == map_before, "qemu-img: one hole is not preallocation"
+    assert normalize_map(await image_map(str(path))) == theirs

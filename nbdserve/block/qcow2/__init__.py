@@ -660,29 +660,34 @@ class Qcow2Driver(FormatDriver):
 
     async def _detect_metadata_preallocation(self) -> bool:
         """QEMU's heuristic (qcow2_detect_metadata_preallocation): the host file holds
-        fewer clusters than the refcounts claim, so data clusters may be holes."""
-        cs = self.header.cluster_size
-        real = max(1, os.fstat(self._file.fd).st_blocks * 512 // cs)
-        async with self._meta:
-            last = await self._last_used_cluster()
-        return real < last
+        clearly fewer clusters than the refcounts claim, so data clusters may be holes.
 
-    async def _last_used_cluster(self) -> int:
+        The same threshold as QEMU (a tenth more, and at least two clusters): a
+        file's block count moves a little with writeback and file-system metadata,
+        and without the margin a freshly written image flipped between the two
+        answers (and its map between QEMU's and another)."""
+        cs = self.header.cluster_size
+        real = os.fstat(self._file.fd).st_blocks * 512 // cs
+        threshold = max(real * 10 // 9, real + 2)
+        async with self._meta:
+            used = await self._count_used_clusters(threshold)
+        return used >= threshold
+
+    async def _count_used_clusters(self, limit: int) -> int:
+        """Clusters of the file with a nonzero refcount, counted up to ``limit``."""
         refcounts = self.refcounts
         file_clusters = -(-self._file.size // self.header.cluster_size)
-        used = np.flatnonzero(refcounts.reftable & np.uint64(0xFFFFFFFFFFFFFE00))
-        for bi in used[::-1].tolist():
+        blocks = np.flatnonzero(refcounts.reftable & np.uint64(0xFFFFFFFFFFFFFE00))
+        count = 0
+        for bi in blocks.tolist():
             first = bi << refcounts.block_shift
-            if first >= file_clusters:
-                continue
+            if first >= file_clusters or count >= limit:
+                break
             counts = await refcounts.get_range(
                 first, min(refcounts.entries_per_block, file_clusters - first)
             )
-            nz = np.flatnonzero(counts)
-            if len(nz):
-                last: int = first + int(nz[-1])
-                return last
-        return 0
+            count += int(np.count_nonzero(counts))
+        return count
 
     # ---- writes --------------------------------------------------------------------------
 

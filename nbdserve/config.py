@@ -106,6 +106,19 @@ class ServerConfig:
             raise ConfigError(f"tls must be off, on or require, not {self.tls!r}")
         if any(e.tls_required for e in self.exports) and self.tls == "off":
             raise ConfigError("an export has tls_required but tls is off")
+        if self.tls == "off":
+            unused = [
+                key
+                for key in ("tls_certificates", "tls_psk_file", "tls_verify_peer")
+                if getattr(self, key)
+            ]
+            if unused:
+                # credentials that silently do nothing would leave an operator
+                # believing the exports are protected
+                raise ConfigError(
+                    f"tls is off, so {', '.join(unused)} would be ignored: "
+                    'set tls = "on" or "require" (--tls), or remove them'
+                )
 
 
 # Allowed ranges of numeric settings (inclusive) and how they are told to the

@@ -122,6 +122,35 @@ def test_python_api_is_checked_too() -> None:
         ServerConfig(exports=(export,), port=True)
 
 
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("tls_psk_file", "/etc/nbdserve/keys.psk"),
+        ("tls_certificates", "/etc/nbdserve/pki"),
+        ("tls_verify_peer", True),
+    ],
+)
+def test_tls_settings_with_tls_off_are_refused_not_ignored(key: str, value: object) -> None:
+    export = ExportConfig(name="a", path="/x")
+    with pytest.raises(ConfigError, match=f"tls is off, so {key} would be ignored"):
+        ServerConfig(exports=(export,), tls="off", **{key: value})  # type: ignore[arg-type]
+    on = {"tls_certificates": "/pki", key: value}
+    ServerConfig(exports=(export,), tls="on", **on)  # type: ignore[arg-type]
+
+
+def test_real_cli_refuses_a_psk_file_with_tls_off(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(65536))
+    psk = tmp_path / "keys.psk"
+    psk.write_text("alice:0123456789abcdef\n")
+    result = _serve("--tls", "off", "--tls-psk", str(psk), "--port", "0", str(img))
+    assert result.returncode == 1, result
+    errors = [line for line in result.stderr.splitlines() if line.startswith("nbdserve: error:")]
+    assert len(errors) == 1, result.stderr
+    assert "tls_psk_file would be ignored" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
 def test_good_values_of_every_type_are_accepted() -> None:
     config = config_from_mapping(
         {

@@ -43,7 +43,11 @@ class Status(enum.IntFlag):
     DATA = 4  # host storage backs it (absence = a hole)
 
 
-@dataclass(frozen=True, slots=True)
+# Extents are values (hashable, never modified) but not frozen=True: a frozen
+# dataclass sets each field through object.__setattr__, which made building the
+# one or two extents of a block-status request ~1 µs of its ~10 (timeit: 523 ns
+# against ~180 ns for Extent, 721 ns against ~200 ns for ChainExtent).
+@dataclass(slots=True, unsafe_hash=True)
 class Extent:
     offset: int
     length: int
@@ -58,7 +62,7 @@ class Extent:
         return self.offset + self.length
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ChainExtent:
     """A composed extent of a whole chain: what NBD's meta contexts report."""
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Protocol, cast
 
 import pytest
 import trio
@@ -27,6 +28,19 @@ from nbdserve.errors import UnknownFormatError
 MiB = 1024 * 1024
 SIZE = 4 * MiB
 FORMATS = ["raw", "qcow2", "parallels", "fvd"]
+
+
+class _ImageCreator(Protocol):
+    """A format module that can create images (``create_image`` is optional)."""
+
+    def create_image(
+        self,
+        path: str,
+        size: int,
+        options: dict[str, str],
+        backing: str | None = None,
+        backing_fmt: str | None = None,
+    ) -> Awaitable[None]: ...
 
 
 def _available(fmt: str) -> bool:
@@ -82,7 +96,7 @@ async def image(request: pytest.FixtureRequest, tmp_path: Path) -> Image:
     fmt, with_backing = request.param
     if not _available(fmt):
         pytest.skip(f"format {fmt} not available")
-    module = formats.load(fmt)
+    module = cast(_ImageCreator, formats.load(fmt))
     path = tmp_path / f"disk.{fmt}"
     model = bytearray(SIZE)
     backing = None

@@ -85,7 +85,7 @@ def to_raw(path: str | Path, out: str | Path, fmt: str | None = None) -> bytes:
     return Path(out).read_bytes()
 
 
-def qemu_img_map(path: str | Path) -> list[dict[str, Any]]:
+def qemu_img_map(path: str | Path) -> list[tuple[int, int, int, bool, bool, bool]]:
     return normalize_map(json.loads(qemu_img("map", "--output=json", path)))
 
 

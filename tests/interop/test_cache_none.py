@@ -162,6 +162,7 @@ async def test_fvd_data_file_follows_the_cache_mode(direct_dir: Path, cache: str
         assert isinstance(top, FvdDriver)
         store = top._store
         assert store is not top.file
+        assert top.file is not None
         assert _fd_is_direct(top.file.fd) == (cache == "none")
         assert _fd_is_direct(store.fd) == (cache == "none")
         await run("qemu-io", "-f", "raw", "-c", "write -P 7 1000 70000", uri(srv, "d"))

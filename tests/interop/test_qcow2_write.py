@@ -340,8 +340,12 @@ async def test_concurrent_clients_through_the_server(tmp_path: Path) -> None:
         running_server(export(top, "c", format="qcow2")) as srv,
         trio.open_nursery() as nursery,
     ):
+
+        async def run_script(s: str) -> None:
+            await run(*nbdsh_argv(), "-u", uri(srv, "c"), "-c", s)
+
         for script in scripts:
-            nursery.start_soon(lambda s=script: run(*nbdsh_argv(), "-u", uri(srv, "c"), "-c", s))
+            nursery.start_soon(run_script, script)
     assert_clean(top)
     check = json.loads(qemu_img("check", "--output=json", top))
     assert check["allocated-clusters"] == 4

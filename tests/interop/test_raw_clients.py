@@ -7,6 +7,7 @@ import os
 import random
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -244,7 +245,7 @@ async def test_read_only_export_refuses_writes(tmp_path: Path) -> None:
 _HOLE, _ZERO = 1, 2  # base:allocation flags (proto.md)
 
 
-async def _nbdsh_json(target: str, body: str) -> dict[str, object]:
+async def _nbdsh_json(target: str, body: str) -> dict[str, Any]:
     """Run ``body`` in nbdsh connected to ``target`` with base:allocation; it
     fills the dict ``out``, which comes back parsed."""
     script = (
@@ -261,7 +262,7 @@ async def _nbdsh_json(target: str, body: str) -> dict[str, object]:
         f"{body}\n"
         "print(json.dumps(out))\n"
     )
-    result: dict[str, object] = json.loads(await run(*nbdsh_argv(), "-c", script))
+    result: dict[str, Any] = json.loads(await run(*nbdsh_argv(), "-c", script))
     return result
 
 
@@ -292,7 +293,7 @@ async def test_zero_with_no_hole_keeps_the_range_allocated(tmp_path: Path) -> No
     assert out["zeros"] is True
     assert no_hole == before  # NO_HOLE: zeroed in place, no host space given back
     assert punched == before - MiB
-    (offset, entries), *_ = out["extents"]  # type: ignore[misc]
+    (offset, entries), *_ = out["extents"]
     assert offset == MiB
     length, flags = _pairs(entries)[0]
     assert length == MiB
@@ -336,7 +337,7 @@ async def test_block_status_req_one_returns_one_extent(tmp_path: Path) -> None:
             f"h.block_status({8 * MiB}, 0, extents, nbd.CMD_FLAG_REQ_ONE)\n"
             f"h.block_status({4 * MiB}, {MiB + 4096}, extents, nbd.CMD_FLAG_REQ_ONE)\n",
         )
-    full, one, inside = out["extents"]  # type: ignore[misc]
+    full, one, inside = out["extents"]
     assert _pairs(full[1]) == [
         (MiB, 3),
         (MiB, 0),
@@ -352,7 +353,7 @@ async def test_block_status_req_one_returns_one_extent(tmp_path: Path) -> None:
 
 async def _read_chunks(target: str, flags: str) -> list[tuple[int, int, int]]:
     out = await _nbdsh_json(target, f"h.pread_structured({4 * MiB}, 0, chunks, {flags})")
-    return [tuple(c) for c in out["chunks"]]  # type: ignore[attr-defined,misc]
+    return [tuple(c) for c in out["chunks"]]
 
 
 async def test_df_read_of_a_sparse_image_is_one_data_chunk(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ below the one holding the data are not consulted for it at all.
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ MIDDLE_LAYER = 12  # chain.layers index (0 = top): depth 13
 MIDDLE = [(SIZE // 2 + 64 * MiB, 1 * MiB)]
 
 
-def count_calls(layers: list[BlockDriver], calls: Counter[tuple[int, str]]) -> None:
+def count_calls(layers: Sequence[BlockDriver], calls: Counter[tuple[int, str]]) -> None:
     """Count each layer's block status and read calls (instance attributes
     shadow the class's methods)."""
     for i, layer in enumerate(layers):

@@ -110,6 +110,7 @@ async def test_copy_of_a_sparse_export_reads_only_the_data(tmp_path: Path) -> No
     image = await make_qcow2(tmp_path / "big.qcow2", 1 * TiB, pieces)
     data_bytes = sum(n for _, n in pieces)
     async with running_server(export(image, "big", read_only=True)) as srv:
+        assert srv.registry is not None
         stats = next(iter(srv.registry)).stats
         out = tmp_path / "copy.raw"
         await run("nbdcopy", uri(srv, "big"), out)

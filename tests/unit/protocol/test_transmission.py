@@ -400,6 +400,7 @@ def test_reply_read_header_equals_events(mode: str, handle: int, offset: int, da
     conn = pair.server
     fast = conn.reply_read_header(handle, offset, len(data))
     assert len(fast) == conn.reply_read_header_size()
+    event: ev.SimpleReply | ev.ReadChunk
     if mode == "simple":
         event = ev.SimpleReply(handle, data=data)
     else:
@@ -692,6 +693,7 @@ def test_recycled_payload_buffers_serve_the_next_write() -> None:
 def test_a_payload_still_referenced_elsewhere_is_never_reused() -> None:
     pair = make_pair("structured", size=1 << 30)
     first = _large_write(pair, 1, 1 << 20)
+    assert first.payload is not None
     kept = memoryview(first.payload)  # a driver holding on to the data
     pair.server.recycle(first.payload)
     second = _large_write(pair, 2, 1 << 20)

@@ -171,9 +171,9 @@ def test_zero_length(cmd: int) -> None:
 
 @pytest.mark.parametrize("cmd", [Cmd.READ, Cmd.WRITE])
 def test_over_max_payload(cmd: int) -> None:
-    big = {"size": 1 << 30, "max_payload": 1 << 20}
-    assert check(cmd, length=1 << 20, **big) == NbdErrno.OK
-    assert check(cmd, length=(1 << 20) + 1, **big) == NbdErrno.EINVAL
+    size, max_payload = 1 << 30, 1 << 20
+    assert check(cmd, length=1 << 20, size=size, max_payload=max_payload) == NbdErrno.OK
+    assert check(cmd, length=(1 << 20) + 1, size=size, max_payload=max_payload) == NbdErrno.EINVAL
 
 
 @pytest.mark.parametrize("cmd", [Cmd.TRIM, Cmd.WRITE_ZEROES, Cmd.BLOCK_STATUS, Cmd.CACHE])

@@ -42,13 +42,13 @@ def test_enum_values_match_the_spec() -> None:
     assert not c.Rep.ACK.is_error
     assert c.Rep.ERR_POLICY.is_error
     assert [int(x) for x in c.Cmd] == list(range(9))
-    assert c.ReplyType.BLOCK_STATUS == 5
-    assert c.ReplyType.BLOCK_STATUS_EXT == 6
-    assert c.ReplyType.ERROR == 32769
-    assert c.ReplyType.ERROR_OFFSET == 32770
-    assert c.CmdFlag.FAST_ZERO == 16
-    assert c.CmdFlag.REQ_ONE == 8
-    assert c.CmdFlag.DF == 4
+    assert int(c.ReplyType.BLOCK_STATUS) == 5
+    assert int(c.ReplyType.BLOCK_STATUS_EXT) == 6
+    assert int(c.ReplyType.ERROR) == 32769
+    assert int(c.ReplyType.ERROR_OFFSET) == 32770
+    assert int(c.CmdFlag.FAST_ZERO) == 16
+    assert int(c.CmdFlag.REQ_ONE) == 8
+    assert int(c.CmdFlag.DF) == 4
     assert c.TxFlag.SEND_FAST_ZERO == 1 << 11
     assert c.TxFlag.SEND_CACHE == 1 << 10
     assert c.TxFlag.CAN_MULTI_CONN == 1 << 8

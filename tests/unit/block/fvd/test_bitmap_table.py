@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from nbdserve.block.fvd.bitmap import Bitmap
 from nbdserve.block.fvd.journal import PendingRecords, pack_sectors
-from nbdserve.block.fvd.structs import JournalBitmapRecord, JournalTableRecord
+from nbdserve.block.fvd.structs import JournalBitmapRecord, JournalRecord, JournalTableRecord
 from nbdserve.block.fvd.table import ChunkTable
 
 
@@ -73,6 +73,8 @@ def test_pending_records_merge_and_pack() -> None:
         JournalTableRecord(3, 7, (11,)),
     ]
     assert len(pending) == 0
-    many = [JournalTableRecord(1, i * 100, tuple(range(100))) for i in range(3)]
+    many: list[JournalRecord] = [
+        JournalTableRecord(1, i * 100, tuple(range(100))) for i in range(3)
+    ]
     sectors = pack_sectors(many, [])
     assert [len(s) for s in sectors] == [1, 1, 1]  # 420 bytes each: one per sector

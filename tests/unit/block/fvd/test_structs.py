@@ -20,6 +20,7 @@ from nbdserve.block.fvd.structs import (
     JOURNAL_TABLE_TYPE,
     FvdHeader,
     JournalBitmapRecord,
+    JournalRecord,
     JournalTableRecord,
     bitmap_struct,
     decode_journal_sector,
@@ -152,7 +153,7 @@ def test_table_record_struct_twin_agrees_with_construct(
 
 
 def test_journal_sector_round_trip_and_terminators() -> None:
-    records = [
+    records: list[JournalRecord] = [
         JournalBitmapRecord(0, 65536),
         JournalTableRecord(3, 10, (1, 2, 3)),
         JournalBitmapRecord(1 << 30, 512),

@@ -10,6 +10,7 @@ import trio.testing
 from nbdserve.block.base import Status
 from nbdserve.block.chain import ChainOptions, open_chain
 from nbdserve.block.device import BlockDevice
+from nbdserve.block.parallels import ParallelsDriver
 from nbdserve.block.parallels.structs import INUSE_MAGIC
 from nbdserve.errors import ConfigError, CorruptImageError, InvalidImageError, NotSupportedError
 from tests.conftest import require_tools
@@ -95,8 +96,8 @@ async def test_run_allocation_and_prealloc_modes(tmp_path: Path, mode: str) -> N
     assert os.stat(path).st_size == DATA_START + 2 * MIB  # trimmed to the real data end
 
 
-def read_bat_mem(drv: object, index: int) -> int:
-    return drv._bat.host_offset(index)  # type: ignore[attr-defined]
+def read_bat_mem(drv: ParallelsDriver, index: int) -> int:
+    return drv._bat.host_offset(index)
 
 
 async def test_one_cluster_at_a_time_when_limited(tmp_path: Path) -> None:
@@ -150,7 +151,7 @@ async def test_partial_writes_fill_from_backing(tmp_path: Path) -> None:
     pattern = bytes(range(256)) * (4 * MIB // 256)
     base.write_bytes(pattern[: 2 * MIB])  # shorter than the overlay: zeros after
     path = await image(tmp_path, 4 * MIB)
-    settings = {"backing": "base.raw", "backing_format": "raw"}
+    settings: dict[str, object] = {"backing": "base.raw", "backing_format": "raw"}
     chain = await open_chain(str(path), ChainOptions(fmt="parallels", settings=settings))
     dev = BlockDevice(chain.top)
     assert await dev.read(0, 4 * MIB) == pattern[: 2 * MIB] + bytes(2 * MIB)
@@ -331,7 +332,7 @@ async def test_cancelled_write_leaves_a_clean_image(tmp_path: Path) -> None:
     async def stuck_pwrite(offset: int, data: object) -> None:
         await trio.sleep_forever()
 
-    file.pwrite = stuck_pwrite  # type: ignore[method-assign,assignment]
+    file.pwrite = stuck_pwrite  # type: ignore[method-assign]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(drv.write, 4 * CS, b"c" * (8 * CS))
         await trio.testing.wait_all_tasks_blocked()  # space reserved, data in flight

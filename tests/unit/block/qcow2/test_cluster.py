@@ -10,6 +10,7 @@ from nbdserve.block.qcow2.cluster import (
     Geometry,
     RunKind,
     classify,
+    occupied_units,
     offset_into_cluster,
     offset_to_l1_index,
     offset_to_l2_index,
@@ -106,3 +107,42 @@ def test_extended_l2_both_bits_is_invalid_and_misaligned_is_flagged() -> None:
     table = np.array([(7 << 16) + 512 | QCOW_OFLAG_COPIED], dtype=">u8")
     kinds, _, _ = classify(G, table, 0, 1)
     assert kinds[0] == RunKind.MISALIGNED
+
+
+@given(
+    st.lists(st.one_of(st.just(0), _entry_strategy()), min_size=1, max_size=64),
+    st.booleans(),
+    st.data(),
+)
+def test_occupied_units_bound_every_unit_that_is_not_unallocated_by_zero_words(
+    words: list[int], extended: bool, data: st.DataObject
+) -> None:
+    """The mapping classifies only [lo, hi): every unit outside it must have all-zero
+    L2 words (unallocated in every variant), and lo/hi themselves must not."""
+    g = GX if extended else G
+    if extended and len(words) % 2:
+        words.append(0)
+    table = np.array(words, dtype=">u8")
+    units = (len(words) // 2) * 32 if extended else len(words)
+    first = data.draw(st.integers(0, units - 1))
+    stop = data.draw(st.integers(first + 1, units))
+
+    def unit_words_zero(u: int) -> bool:
+        if extended:
+            c = u >> 5
+            return words[2 * c] == 0 and words[2 * c + 1] == 0
+        return words[u] == 0
+
+    got = occupied_units(g, table, first, stop)
+    nonzero = [u for u in range(first, stop) if not unit_words_zero(u)]
+    if not nonzero:
+        assert got is None
+        return
+    assert got is not None
+    lo, hi = got
+    assert first <= lo < hi <= stop
+    if extended:  # whole clusters, clipped to the range
+        assert lo == max(first, nonzero[0] >> 5 << 5)
+        assert hi == min(stop, ((nonzero[-1] >> 5) + 1) << 5)
+    else:
+        assert (lo, hi) == (nonzero[0], nonzero[-1] + 1)

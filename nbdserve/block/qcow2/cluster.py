@@ -402,6 +402,12 @@ class ClusterMap:
         self.l2_limit = l2_limit
         self.host_limit: int | None = None  # data clusters must start below this
         # work counters (statistics): what mapping cost, independent of the virtual size
+        # the geometry's numbers as plain attributes for peek_host, the per-read
+        # path: Geometry's properties recompute them on every access
+        self._cluster_bits = g.cluster_bits
+        self._cluster_mask = g.cluster_size - 1
+        self._span_bits = g.l2_span_bits
+        self._l2_index_mask = g.l2_entries - 1
         self.tables_mapped = 0  # L2 tables consulted by map_runs / peek_runs
         self.units_classified = 0  # L2 units (clusters or subclusters) looked at
         self.l1_gaps_skipped = 0  # stretches of empty L1 entries answered as one run
@@ -541,38 +547,40 @@ class ClusterMap:
     def peek_host(self, offset: int, length: int) -> int:
         """Host offset of [offset, +length) if it is plain allocated data in one cluster
         whose L2 table is cached; -1 otherwise.  Never blocks, never raises."""
-        g = self.g
-        cb = g.cluster_bits
-        in_cluster = offset & ((1 << cb) - 1)
-        if in_cluster + length > (1 << cb):
+        cmask = self._cluster_mask
+        in_cluster = offset & cmask
+        if in_cluster + length > cmask + 1:
             return self._peek_contiguous(offset, length)
-        l1i = offset >> g.l2_span_bits
+        l1i = offset >> self._span_bits
         l1 = self.l1
         if l1i >= len(l1):
             return -1
-        l2_off = int(l1[l1i]) & L1E_OFFSET_MASK
-        if not l2_off or l2_off & ((1 << cb) - 1):
+        # item(): a Python int without a numpy scalar in between
+        l2_off: int = l1.item(l1i) & L1E_OFFSET_MASK
+        if not l2_off or l2_off & cmask:
             return -1
         table = self.l2_cache.peek(l2_off)
         if table is None:
             return -1
-        idx = (offset >> cb) & ((1 << g.l2_bits) - 1)
+        g = self.g
+        idx = (offset >> self._cluster_bits) & self._l2_index_mask
+        entry: int
         if g.extended_l2:
-            entry = int(table[2 * idx])
-            bitmap = int(table[2 * idx + 1])
+            entry = table.item(2 * idx)
+            bitmap: int = table.item(2 * idx + 1)
             first = in_cluster >> g.unit_bits
             last = (in_cluster + length - 1) >> g.unit_bits
             want = ((1 << (last + 1)) - 1) ^ ((1 << first) - 1)
             if bitmap & want != want or (bitmap >> 32) & want:
                 return -1
         else:
-            entry = int(table[idx])
+            entry = table.item(idx)
             if entry & 1:
                 return -1
         if entry & QCOW_OFLAG_COMPRESSED:
             return -1
         host = entry & L2E_OFFSET_MASK
-        if host & ((1 << cb) - 1):
+        if host & cmask:
             return -1
         if not host and not (g.external_data and entry & QCOW_OFLAG_COPIED):
             return -1

@@ -156,11 +156,16 @@ class SocketTransport:
         end = offset + count
         while offset < end:
             try:
-                offset += os.sendfile(out_fd, fd, offset, end - offset)
+                sent = os.sendfile(out_fd, fd, offset, end - offset)
             except BlockingIOError:
                 return b"", fd, offset, end - offset
             except _BROKEN as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
+            if sent == 0:
+                # the file got shorter under us: the reply cannot be finished, and a
+                # cut reply ends the connection (rather than spinning here forever)
+                raise trio.BrokenResourceError("the image file ended in the middle of a reply")
+            offset += sent
         return None
 
     async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:

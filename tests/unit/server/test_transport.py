@@ -102,3 +102,13 @@ async def test_send_file_waits_for_a_slow_reader(small: Pair) -> None:
         with trio.fail_after(10):
             await small.transport.send_file(b"head!", small.fd, 0, MiB)
     assert bytes(received) == b"head!" + small.data[:MiB]
+
+
+def test_try_send_file_ends_the_reply_when_the_file_is_shorter(tmp_path: Path) -> None:
+    """A file truncated under a reply must not make sendfile spin on 0 bytes."""
+    pair = Pair(tmp_path, 64 * KiB, small_buffers=False)
+    try:
+        with pytest.raises(trio.BrokenResourceError, match="ended in the middle"):
+            pair.transport.try_send_file(b"hdr", pair.fd, 0, 128 * KiB)
+    finally:
+        pair.close()

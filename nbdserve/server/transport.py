@@ -263,6 +263,9 @@ class StreamTransport:
 
     async def send_file(self, header: bytes, fd: int, offset: int, count: int) -> None:
         data = await trio.to_thread.run_sync(os.pread, fd, count, offset)
+        if len(data) < count:
+            # as SocketTransport: a reply that cannot be completed is not begun
+            raise trio.BrokenResourceError("the image file ended in the middle of a reply")
         await self.stream.send_all(header + data)
 
     async def aclose(self) -> None:

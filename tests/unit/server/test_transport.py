@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
-from nbdserve.server.transport import SocketTransport
+from nbdserve.server.transport import SocketTransport, StreamTransport
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -112,3 +113,19 @@ def test_try_send_file_ends_the_reply_when_the_file_is_shorter(tmp_path: Path) -
             pair.transport.try_send_file(b"hdr", pair.fd, 0, 128 * KiB)
     finally:
         pair.close()
+
+
+async def test_stream_send_file_refuses_a_reply_the_file_cannot_fill(tmp_path: Path) -> None:
+    """The TLS path (no sendfile) must not send a header followed by too few bytes."""
+    path = tmp_path / "data"
+    path.write_bytes(_pattern(64 * KiB))
+    fd = os.open(path, os.O_RDONLY)
+    ours, theirs = trio.testing.memory_stream_pair()
+    transport = StreamTransport(ours)
+    try:
+        with pytest.raises(trio.BrokenResourceError, match="ended in the middle"):
+            await transport.send_file(b"hdr", fd, 0, 128 * KiB)
+        await transport.send_file(b"hdr", fd, 4096, 4096)
+        assert await theirs.receive_some(8192) == b"hdr" + _pattern(64 * KiB)[4096:8192]
+    finally:
+        os.close(fd)

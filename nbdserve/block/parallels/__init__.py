@@ -264,6 +264,26 @@ class ParallelsDriver(FormatDriver):
 
         return read
 
+    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+        """The range as one host stretch when its clusters are allocated and follow each
+        other on the host, every byte of it is in the page cache, and no BAT entry of it
+        points outside the file; None otherwise (the copying path then serves it)."""
+        if self._closed:
+            return None
+        cs = self.cluster_size
+        index = offset // cs
+        wanted = (offset + length - 1) // cs - index + 1
+        host, clusters = self._bat.run_at(index, wanted)
+        if not host or clusters < wanted or self._run_is_bad(index, clusters):
+            return None
+        start = host + offset - index * cs
+        file = self._file
+        if start + length > file.size or not file.all_data(start, length):
+            return None
+        if not file.is_cached(start, length):
+            return None
+        return file.fd, start
+
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
         """Serve from the page cache when every run is allocated or reads zeros."""
         if self._closed:

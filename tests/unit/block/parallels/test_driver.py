@@ -381,3 +381,30 @@ async def test_fast_reader_agrees_with_readinto(tmp_path: Path) -> None:
     finally:
         await drv.aclose()
     assert not read(0, memoryview(bytearray(512))), "a closed image answers nothing inline"
+
+
+async def test_zero_copy_region_is_the_host_stretch_readinto_reads(tmp_path: Path) -> None:
+    """Large reads go out with sendfile from the region this returns: it must hold
+    exactly the guest's bytes, and be refused where the clusters are not one stretch."""
+    path = await image(tmp_path)
+    drv = await open_driver(path)
+    try:
+        await drv.write(0, bytes(range(256)) * (4 * CS // 256))  # clusters 0-3, in order
+        await drv.write(9 * CS, b"\x09" * CS)  # cluster 9 lands after cluster 3 ...
+        await drv.write(8 * CS, b"\x08" * CS)  # ... and cluster 8 after it: not in order
+        await drv.flush()
+        with open(path, "rb") as f:
+            f.read()  # into the page cache
+        for offset, length in [(0, 4 * CS), (1000, 2 * CS), (9 * CS, CS), (8 * CS + 5, 100)]:
+            region = drv.zero_copy_region(offset, length)
+            assert region is not None, (offset, length)
+            fd, host = region
+            want = bytearray(length)
+            await drv.readinto(offset, memoryview(want))
+            assert os.pread(fd, length, host) == want, (offset, length)
+        assert drv.zero_copy_region(8 * CS, 2 * CS) is None, "clusters 8, 9 are not in order"
+        assert drv.zero_copy_region(3 * CS, 2 * CS) is None, "cluster 4 is not allocated"
+        assert drv.zero_copy_region(20 * CS, CS) is None, "unallocated"
+    finally:
+        await drv.aclose()
+    assert drv.zero_copy_region(0, CS) is None, "closed"

@@ -252,6 +252,16 @@ class FileBackend:
         pages = (offset + length + _PAGE - 1) // _PAGE - offset // _PAGE
         return bool(self._cs_out.nr_cache >= pages)
 
+    def sendfile_region(self, offset: int, length: int) -> tuple[int, int] | None:
+        """(fd, offset) when [offset, +length) may go out with sendfile: inside the
+        file, without holes, and in the page cache, so sendfile cannot wait on the
+        disk; None otherwise (the caller then copies)."""
+        if offset + length > self._size or not self.all_data(offset, length):
+            return None
+        if not self.is_cached(offset, length):
+            return None
+        return self.fd, offset
+
     def all_data(self, offset: int, length: int) -> bool:
         """True when the range holds no hole (one SEEK_HOLE, unless the file has none)."""
         if not self._holes_possible:

@@ -71,13 +71,7 @@ class RawDriver(FormatDriver):
         return self.try_readinto
 
     def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
-        file = self._file
-        host = self._base + offset
-        if host + length > file.size or not file.all_data(host, length):
-            return None
-        if not file.is_cached(host, length):
-            return None
-        return file.fd, host
+        return self._file.sendfile_region(self._base + offset, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         await self._file.pread_into(self._base + offset, buf)

@@ -600,12 +600,7 @@ class FvdDriver(FormatDriver):
             if p is None:
                 return None
             host = self._store_base + p * cs + offset - index * cs
-        store = self._store
-        if host + length > store.size or not store.all_data(host, length):
-            return None
-        if not store.is_cached(host, length):
-            return None
-        return store.fd, host
+        return self._store.sendfile_region(host, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()

@@ -276,13 +276,7 @@ class ParallelsDriver(FormatDriver):
         host, clusters = self._bat.run_at(index, wanted)
         if not host or clusters < wanted or self._run_is_bad(index, clusters):
             return None
-        start = host + offset - index * cs
-        file = self._file
-        if start + length > file.size or not file.all_data(start, length):
-            return None
-        if not file.is_cached(start, length):
-            return None
-        return file.fd, start
+        return self._file.sendfile_region(host + offset - index * cs, length)
 
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
         """Serve from the page cache when every run is allocated or reads zeros."""

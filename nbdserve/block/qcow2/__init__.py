@@ -506,12 +506,7 @@ class Qcow2Driver(FormatDriver):
         host = self.cmap.peek_host(offset, length)
         if host < 0:
             return None
-        f = self.data_file
-        if host + length > f.size or not f.all_data(host, length):
-            return None
-        if not f.is_cached(host, length):
-            return None
-        return f.fd, host
+        return self.data_file.sendfile_region(host, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()

@@ -401,13 +401,13 @@ class ClusterMap:
         # L2 tables must start below this host offset (the image file's end)
         self.l2_limit = l2_limit
         self.host_limit: int | None = None  # data clusters must start below this
-        # work counters (statistics): what mapping cost, independent of the virtual size
         # the geometry's numbers as plain attributes for peek_host, the per-read
         # path: Geometry's properties recompute them on every access
         self._cluster_bits = g.cluster_bits
         self._cluster_mask = g.cluster_size - 1
         self._span_bits = g.l2_span_bits
         self._l2_index_mask = g.l2_entries - 1
+        # work counters (statistics): what mapping cost, independent of the virtual size
         self.tables_mapped = 0  # L2 tables consulted by map_runs / peek_runs
         self.units_classified = 0  # L2 units (clusters or subclusters) looked at
         self.l1_gaps_skipped = 0  # stretches of empty L1 entries answered as one run

@@ -35,6 +35,7 @@ from nbdserve.logformat import quote
 from nbdserve.protocol import events as ev
 from nbdserve.protocol.connection import ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
+from nbdserve.protocol.wire import EXTENDED_REQUEST_SIZE, REQUEST_SIZE
 from nbdserve.server import tls
 from nbdserve.server.dispatch import (
     SPARSE_READ_MIN,
@@ -126,6 +127,8 @@ class Session:
         self._reader_scope = trio.CancelScope()
         self._broken = False
         self._last_yield = 0.0
+        self._scratch: memoryview | None = None
+        self._header_next = False
         self.end_reason = "closed"
         self.stats = ExportStats()  # replaced by the export's once one is chosen
         self._max_read = self.conn.max_payload + 1
@@ -276,6 +279,7 @@ class Session:
     async def _receive_payload(self, target: memoryview) -> None:
         """Fill a large payload straight from the socket, as far as it has data."""
         transport = self.transport
+        self._header_next = True
         got = 0
         while got < len(target):
             n = transport.try_receive_into(target[got:])
@@ -296,15 +300,33 @@ class Session:
         if target is not None:
             await self._receive_payload(target)
             return
-        data = self.transport.try_receive(RECEIVE_SIZE)
-        if data is None:
-            data = self._spin_receive()
-        if data is None:
-            data = await self.transport.receive_some(RECEIVE_SIZE)
+        view = self._receive_view()
+        n = self.transport.try_receive_into(view)
+        if n is None:
+            n = self._spin_receive(view)
+        if n is None:
+            n = await self.transport.receive_into(view)
             self._last_yield = perf_counter()
         else:
             await self._maybe_yield()
-        self.conn.receive_data(data)
+        self.conn.receive_data(view[:n])
+
+    def _receive_view(self) -> memoryview:
+        """Where the next request headers land: the session's scratch buffer.
+
+        A fresh ``bytes`` per receive would cost an allocation (and for 256 KiB,
+        an mmap and page faults) each time.  Right after a large payload the
+        next request is most likely another large WRITE, so only its header is
+        read: its payload then goes straight into its own buffer instead of
+        being copied through this one.
+        """
+        view = self._scratch
+        if view is None:
+            view = self._scratch = memoryview(bytearray(RECEIVE_SIZE))
+        if self._header_next:
+            self._header_next = False
+            return view[: EXTENDED_REQUEST_SIZE if self.conn.extended_headers else REQUEST_SIZE]
+        return view
 
     async def _maybe_yield(self) -> None:
         """Let other tasks run at least every YIELD_INTERVAL while data keeps coming.
@@ -318,7 +340,7 @@ class Session:
             self._last_yield = now
             await trio.lowlevel.checkpoint()
 
-    def _spin_receive(self) -> bytes | None:
+    def _spin_receive(self, view: memoryview) -> int | None:
         """Poll the socket briefly before parking in the scheduler.
 
         A client at queue depth 1 sends its next request a few tens of
@@ -327,12 +349,12 @@ class Session:
         """
         if trio.lowlevel.current_statistics().tasks_runnable:
             return None
-        try_receive = self.transport.try_receive
+        try_receive_into = self.transport.try_receive_into
         deadline = perf_counter() + SPIN_SECONDS
         while perf_counter() < deadline:
-            data = try_receive(RECEIVE_SIZE)
-            if data is not None:
-                return data
+            n = try_receive_into(view)
+            if n is not None:
+                return n
         return None
 
     async def _next_event(self) -> object:
@@ -549,8 +571,9 @@ class Session:
                 stats.observe(perf_counter() - started, answered)
             if deferred:
                 await self._start_all(nursery, deferred, device)
-            last = events[-1]
-            if isinstance(last, ev.Disconnect | ev.ConnectionClosed):
+            # not bound to a name: a Request kept alive here would hold its
+            # payload buffer past recycle() and make the pool miss
+            if isinstance(events[-1], ev.Disconnect | ev.ConnectionClosed):
                 return
 
     def _answer_inline(
@@ -577,6 +600,7 @@ class Session:
         pack_header = conn.reply_read_header_into
         try_write = device.try_write
         reply_ok = conn.reply_ok
+        recycle = conn.recycle
         zero_copy = device.zero_copy_region
         stats = self.stats
         per_command = stats.requests  # valid requests have known commands
@@ -614,6 +638,7 @@ class Session:
                 elif cmd == write_cmd:
                     assert req.payload is not None
                     if try_write(req.offset, req.payload, fua=bool(req.flags & _FUA)):
+                        recycle(req.payload)
                         out.append(reply_ok(req.handle, req.offset))
                         continue
                 deferred.append(req)

@@ -4,7 +4,7 @@ Why not just a trio Stream: every ``send_all``/``receive_some`` on a trio
 socket stream passes through the scheduler even when the kernel could take or
 give the bytes at once, and at 100k requests per second a scheduler pass per
 call is most of the cost.  A session therefore first tries the kernel
-directly (``try_send``/``try_receive``) and only awaits when the socket would
+directly (``try_send``/``try_receive_into``) and only awaits when the socket would
 block, which keeps the loop at about one scheduler pass per batch of
 requests.  ``StreamTransport`` wraps any trio Stream (TLS, in-memory streams
 in tests) and simply has no fast path.
@@ -32,12 +32,6 @@ class Transport(Protocol):
     def try_send_many(self, chunks: list[Buffer]) -> int:
         """Like try_send for a list of buffers (sendmsg); returns bytes sent."""
         ...
-
-    def try_receive(self, max_bytes: int) -> bytes | None:
-        """Bytes available now (b"" at EOF), or None when a read would block."""
-        ...
-
-    async def receive_some(self, max_bytes: int) -> bytes: ...
 
     def try_receive_into(self, buf: memoryview) -> int | None:
         """recv_into ``buf`` now (0 at EOF), or None when a read would block."""
@@ -174,22 +168,6 @@ class SocketTransport:
             await trio.lowlevel.wait_writable(self.sock)
             rest = self.try_send_file(*rest)
 
-    def try_receive(self, max_bytes: int) -> bytes | None:
-        self._check()
-        try:
-            return self.sock.recv(max_bytes)
-        except BlockingIOError:
-            return None
-        except _BROKEN as exc:
-            raise trio.BrokenResourceError(str(exc)) from exc
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        while True:
-            data = self.try_receive(max_bytes)
-            if data is not None:
-                return data
-            await trio.lowlevel.wait_readable(self.sock)
-
     def try_receive_into(self, buf: memoryview) -> int | None:
         self._check()
         try:
@@ -241,12 +219,6 @@ class StreamTransport:
 
     async def send_all(self, data: Buffer) -> None:
         await self.stream.send_all(data)
-
-    def try_receive(self, max_bytes: int) -> bytes | None:
-        return None
-
-    async def receive_some(self, max_bytes: int) -> bytes:
-        return bytes(await self.stream.receive_some(max_bytes))
 
     def try_receive_into(self, buf: memoryview) -> int | None:
         return None

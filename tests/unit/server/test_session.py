@@ -19,6 +19,7 @@ import trio.testing
 
 from nbdserve.config import ExportConfig
 from nbdserve.errors import NbdErrno
+from nbdserve.protocol import connection as connection_module
 from nbdserve.protocol.constants import Cmd, CmdFlag, Info, Opt, Rep, StateFlag, TxFlag
 from nbdserve.server.serve import ServerHandle
 from tests.helpers import client as cl
@@ -458,6 +459,35 @@ async def test_fua_write_and_flush_reach_the_file(image: tuple[Path, bytearray])
             assert f.read(8292) == b"F" * 8192 + b"G" * 100
         # FUA on a read is accepted (proto.md: MUST, with SEND_FUA)
         assert await c.read(3 * MiB, 4, CmdFlag.FUA) == b"FFFF"
+
+
+async def test_inline_writes_reuse_their_payload_buffers(
+    image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large writes answered inline hand their buffer back for the next one.
+
+    One write at a time, so each is the last request of its batch: nothing in
+    the read loop may keep that Request (and so its buffer) alive past recycle.
+    """
+    path, model = image
+    taken: list[bool] = []
+    original_take = connection_module._PayloadPool.take
+
+    def counting_take(pool: Any, length: int) -> bytearray | None:
+        buf = original_take(pool, length)
+        taken.append(buf is not None)
+        return buf
+
+    monkeypatch.setattr(connection_module._PayloadPool, "take", counting_take)
+    length = 128 * 1024  # a large payload (own buffer), small enough to write inline
+    async with serving(export(path, "disk")) as srv, await connect(srv) as c:
+        await c.go("disk")
+        for i in range(6):
+            data = bytes([i + 1]) * length
+            await c.write(2 * MiB + i * length, data)
+            model[2 * MiB + i * length : 2 * MiB + (i + 1) * length] = data
+        assert await c.read(2 * MiB, 6 * length) == model[2 * MiB : 2 * MiB + 6 * length]
+    assert taken == [False] + [True] * 5, taken
 
 
 def allocated(path: Path) -> int:

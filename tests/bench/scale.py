@@ -17,7 +17,10 @@ qcow2 base, half of the pieces in each -- and prints one markdown table row:
   and again after the map and the copies (steady state);
 * map: ``nbdinfo --map`` over the whole disk (best of ``repeat``);
 * nbdcopy / convert: ``nbdcopy`` and ``qemu-img convert -O raw`` of the
-  export into a sparse file (best of ``repeat``; up to ``--copy-max``).
+  export into a sparse file (best of ``repeat``; up to ``--copy-max``);
+* convert of the file: ``qemu-img convert`` of the image file itself, no
+  NBD and no nbdserve (qcow2 and parallels): what the copy costs the client
+  alone, the floor for the two columns before it.
 
 A last row per format is the reference for the copy criterion: the same data
 in an image of exactly the data's size.  Timing is wall clock on whatever
@@ -82,6 +85,9 @@ def human(size: int) -> str:
     return f"{size} B"
 
 
+QEMU_READS = ("qcow2", "parallels")  # formats qemu-img can open itself (not FVD)
+
+
 @dataclass
 class Row:
     fmt: str
@@ -92,6 +98,7 @@ class Row:
     map_s: float
     nbdcopy_s: float | None
     convert_s: float | None
+    direct_s: float | None
 
     def markdown(self) -> str:
         def secs(v: float | None) -> str:
@@ -100,14 +107,15 @@ class Row:
         return (
             f"| {self.fmt} | {self.label} | {self.open_ms:.1f} | {self.rss_open:.0f} | "
             f"{self.rss_after:.0f} | {secs(self.map_s)} | {secs(self.nbdcopy_s)} | "
-            f"{secs(self.convert_s)} |"
+            f"{secs(self.convert_s)} | {secs(self.direct_s)} |"
         )
 
 
 HEADER = (
     "| format | virtual size | open (ms) | RSS after open (MiB) | RSS after map+copy (MiB) "
-    "| nbdinfo --map (s) | nbdcopy (s) | qemu-img convert (s) |\n"
-    "|---|---|---:|---:|---:|---:|---:|---:|"
+    "| nbdinfo --map (s) | nbdcopy (s) | qemu-img convert (s) "
+    "| qemu-img convert of the file, no NBD (s) |\n"
+    "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 )
 
 
@@ -170,7 +178,7 @@ def measure(fmt: str, label: str, path: Path, args: argparse.Namespace, copy: bo
         uri = f"nbd+unix:///?socket={sock}"
         map_s = best_time(["nbdinfo", "--map", uri], args.repeat)
         out = work / "copy.raw"
-        nbdcopy_s = convert_s = None
+        nbdcopy_s = convert_s = direct_s = None
         if copy:
             nbdcopy_s = best_time(["nbdcopy", uri, str(out)], args.repeat, cleanup=out)
             convert_s = best_time(
@@ -178,6 +186,14 @@ def measure(fmt: str, label: str, path: Path, args: argparse.Namespace, copy: bo
                 args.repeat,
                 cleanup=out,
             )
+            if fmt in QEMU_READS:
+                # the same copy by qemu-img from the image file itself: the floor
+                # that no server can beat, for comparison with the reference row
+                direct_s = best_time(
+                    ["qemu-img", "convert", "-f", fmt, "-O", "raw", str(path), str(out)],
+                    args.repeat,
+                    cleanup=out,
+                )
         rss_after = rss_mib(server.pid)
     finally:
         server.terminate()
@@ -191,6 +207,7 @@ def measure(fmt: str, label: str, path: Path, args: argparse.Namespace, copy: bo
         map_s,
         nbdcopy_s,
         convert_s,
+        direct_s,
     )
 
 

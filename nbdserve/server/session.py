@@ -114,10 +114,7 @@ class Session:
         self._tls_mode = TlsMode(config.tls)
         self.tls_active = False
         self.strict = strict
-        self.conn = ServerConnection(
-            max_payload=32 * 1024 * 1024,
-            allow_structured=bool(int(__import__("os").environ.get("NBDSERVE_STRUCTURED", "1"))),
-        )
+        self.conn = ServerConnection(max_payload=32 * 1024 * 1024)
         self.export: Export | None = None
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(config.max_inflight)

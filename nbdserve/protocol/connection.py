@@ -112,6 +112,7 @@ class ServerConnection:
         allow_extended: bool = True,
         max_option_size: int = DEFAULT_MAX_OPTION_SIZE,
         max_payload: int = DEFAULT_MAX_PAYLOAD,
+        payload_pool: PayloadPool | None = None,
     ) -> None:
         self.allow_structured = allow_structured
         self.allow_extended = allow_extended
@@ -136,7 +137,7 @@ class ServerConnection:
         self._min_block = 1
         self._tstate: TransmissionState | None = None
         self._payload: _Payload | None = None
-        self._pool = _PayloadPool()
+        self._pool = payload_pool if payload_pool is not None else PayloadPool()
         self._greeted = False
         self._transmitted = False  # TRANSMISSION was entered (CLOSED may follow it)
 
@@ -852,30 +853,33 @@ class _Payload:
         self.filled = end
 
 
-class _PayloadPool:
+class PayloadPool:
     """Buffers of finished large payloads, reused for later ones of the same size.
 
     A fresh buffer per 1 MiB write costs a zero-fill or page faults every
-    time; reuse costs nothing.  Bounded in count, so idle memory stays small.
+    time; reuse costs nothing.  Bounded in bytes: a server shares one pool
+    among all its connections (they run in one thread), so connections that
+    once wrote and now sit idle do not each keep megabytes.
     """
 
-    def __init__(self, limit: int = 8) -> None:
+    def __init__(self, max_bytes: int = 8 * 1024 * 1024) -> None:
         self._free: dict[int, list[bytearray]] = {}
-        self._count = 0
-        self._limit = limit
+        self.held = 0  # bytes in the pool
+        self.max_bytes = max_bytes
 
     def take(self, length: int) -> bytearray | None:
         bufs = self._free.get(length)
         if not bufs:
             return None
-        self._count -= 1
+        self.held -= length
         return bufs.pop()
 
     def give(self, buf: bytearray) -> None:
-        if len(buf) < LARGE_PAYLOAD or self._count >= self._limit:
+        n = len(buf)
+        if n < LARGE_PAYLOAD or self.held + n > self.max_bytes:
             return
-        self._free.setdefault(len(buf), []).append(buf)
-        self._count += 1
+        self._free.setdefault(n, []).append(buf)
+        self.held += n
 
 
 class _BadOption(Exception):
@@ -938,4 +942,4 @@ def _parse_meta_payload(payload: bytes) -> tuple[str, tuple[str, ...]]:
     return export, tuple(queries)
 
 
-__all__ = ["ServerConnection", "TransmissionState"]
+__all__ = ["PayloadPool", "ServerConnection", "TransmissionState"]

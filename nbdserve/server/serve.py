@@ -22,6 +22,7 @@ import trio
 from nbdserve.config import ServerConfig
 from nbdserve.errors import ConfigError, NbdServeError
 from nbdserve.logformat import quote
+from nbdserve.protocol.connection import PayloadPool
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.metrics import parse_address, serve_metrics
 from nbdserve.server.session import Session
@@ -29,6 +30,9 @@ from nbdserve.server.tls import TlsMode, TlsSettings, server_context
 from nbdserve.server.transport import SocketTransport
 
 LOGGER = logging.getLogger(__name__)
+
+# write payload buffers kept for reuse, across all connections of a server
+PAYLOAD_POOL_BYTES = 32 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -109,6 +113,9 @@ class _Server:
         self.registry = registry
         self.strict = strict
         self.sessions: set[Session] = set()
+        # one for all connections: what an idle connection keeps is then bounded
+        # by the server, not multiplied by the number of clients
+        self.payload_pool = PayloadPool(max_bytes=PAYLOAD_POOL_BYTES)
         # connections accepted and not yet ended, counted at accept: a session
         # joins ``sessions`` only once its task runs, after more accepts maybe
         self.connections = 0
@@ -195,7 +202,12 @@ class _Server:
     async def _session(self, stream: trio.SocketStream) -> None:
         transport = SocketTransport.from_stream(stream)
         session = Session(
-            transport, self.registry, self.config, tls=self.tls_context, strict=self.strict
+            transport,
+            self.registry,
+            self.config,
+            tls=self.tls_context,
+            strict=self.strict,
+            payload_pool=self.payload_pool,
         )
         self.sessions.add(session)
         try:

@@ -23,6 +23,7 @@ taken back, so the connection is closed rather than corrupted.
 from __future__ import annotations
 
 import logging
+import mmap
 import ssl
 from collections.abc import Awaitable, Callable
 from time import perf_counter
@@ -33,7 +34,7 @@ import trio
 from nbdserve.errors import NbdErrno, RemoteProtocolError
 from nbdserve.logformat import quote
 from nbdserve.protocol import events as ev
-from nbdserve.protocol.connection import ServerConnection
+from nbdserve.protocol.connection import PayloadPool, ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
 from nbdserve.protocol.wire import EXTENDED_REQUEST_SIZE, REQUEST_SIZE
 from nbdserve.server import tls
@@ -104,6 +105,7 @@ class Session:
         *,
         tls: ssl.SSLContext | None = None,
         strict: bool = False,
+        payload_pool: PayloadPool | None = None,
     ) -> None:
         self.transport = transport
         self.registry = registry
@@ -114,7 +116,7 @@ class Session:
         self._tls_mode = TlsMode(config.tls)
         self.tls_active = False
         self.strict = strict
-        self.conn = ServerConnection(max_payload=32 * 1024 * 1024)
+        self.conn = ServerConnection(max_payload=32 * 1024 * 1024, payload_pool=payload_pool)
         self.export: Export | None = None
         self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(config.max_inflight)
@@ -319,7 +321,10 @@ class Session:
         """
         view = self._scratch
         if view is None:
-            view = self._scratch = memoryview(bytearray(RECEIVE_SIZE))
+            # an anonymous mapping: its pages take memory only once a receive
+            # reaches them, so a connection that sends small batches keeps
+            # a page or two, not RECEIVE_SIZE
+            view = self._scratch = memoryview(mmap.mmap(-1, RECEIVE_SIZE))
         if self._header_next:
             self._header_next = False
             return view[: EXTENDED_REQUEST_SIZE if self.conn.extended_headers else REQUEST_SIZE]

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from nbdserve.errors import LocalProtocolError, NbdErrno, RemoteProtocolError
 from nbdserve.protocol import events as ev
+from nbdserve.protocol.connection import PayloadPool
 from nbdserve.protocol.constants import (
     EXTENDED_REQUEST_MAGIC,
     REQUEST_MAGIC,
@@ -699,3 +700,17 @@ def test_a_payload_still_referenced_elsewhere_is_never_reused() -> None:
     second = _large_write(pair, 2, 1 << 20)
     assert second.payload is not first.payload
     assert bytes(kept[:4]) == b"\x01" * 4
+
+
+def test_payload_pool_is_bounded_in_bytes() -> None:
+    pool = PayloadPool(max_bytes=2 << 20)
+    bufs = [bytearray(1 << 20) for _ in range(3)]
+    for buf in bufs:
+        pool.give(buf)
+    assert pool.held == 2 << 20, "the pool kept more than its bound"
+    assert pool.take(1 << 20) is bufs[1]
+    assert pool.take(1 << 20) is bufs[0]
+    assert pool.take(1 << 20) is None
+    assert pool.held == 0
+    pool.give(bytearray(4096))  # small payloads are never pooled
+    assert pool.held == 0

@@ -471,14 +471,14 @@ async def test_inline_writes_reuse_their_payload_buffers(
     """
     path, model = image
     taken: list[bool] = []
-    original_take = connection_module._PayloadPool.take
+    original_take = connection_module.PayloadPool.take
 
     def counting_take(pool: Any, length: int) -> bytearray | None:
         buf = original_take(pool, length)
         taken.append(buf is not None)
         return buf
 
-    monkeypatch.setattr(connection_module._PayloadPool, "take", counting_take)
+    monkeypatch.setattr(connection_module.PayloadPool, "take", counting_take)
     length = 128 * 1024  # a large payload (own buffer), small enough to write inline
     async with serving(export(path, "disk")) as srv, await connect(srv) as c:
         await c.go("disk")
@@ -488,6 +488,34 @@ async def test_inline_writes_reuse_their_payload_buffers(
             model[2 * MiB + i * length : 2 * MiB + (i + 1) * length] = data
         assert await c.read(2 * MiB, 6 * length) == model[2 * MiB : 2 * MiB + 6 * length]
     assert taken == [False] + [True] * 5, taken
+
+
+async def test_connections_share_one_payload_pool(
+    image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A buffer one connection's write gave back serves the next connection's write,
+    so idle connections do not each keep buffers of their own."""
+    path, _ = image
+    taken: list[bool] = []
+    original_take = connection_module.PayloadPool.take
+
+    def counting_take(pool: Any, length: int) -> bytearray | None:
+        buf = original_take(pool, length)
+        taken.append(buf is not None)
+        return buf
+
+    monkeypatch.setattr(connection_module.PayloadPool, "take", counting_take)
+    length = 128 * 1024
+    async with serving(export(path, "disk")) as srv:
+        async with await connect(srv) as first:
+            await first.go("disk")
+            await first.write(2 * MiB, b"a" * length)
+        async with await connect(srv) as second:
+            await second.go("disk")
+            await second.write(3 * MiB, b"b" * length)
+            assert await second.read(2 * MiB, 4) == b"aaaa"
+            assert await second.read(3 * MiB, 4) == b"bbbb"
+    assert taken == [False, True], taken
 
 
 def allocated(path: Path) -> int:

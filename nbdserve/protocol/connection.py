@@ -881,6 +881,11 @@ class PayloadPool:
         self._free.setdefault(n, []).append(buf)
         self.held += n
 
+    def clear(self) -> None:
+        """Let every pooled buffer go (when no connection is left to use them)."""
+        self._free.clear()
+        self.held = 0
+
 
 class _BadOption(Exception):
     def __init__(self, reply: Rep, message: str) -> None:

@@ -219,6 +219,8 @@ class _Server:
             LOGGER.exception("event=session-crash client=%s", session.peer)
         finally:
             self.sessions.discard(session)
+            if not self.sessions:
+                self.payload_pool.clear()  # an idle server keeps no write buffers
 
 
 def _peer_of(stream: trio.SocketStream) -> str:

@@ -493,8 +493,9 @@ async def test_inline_writes_reuse_their_payload_buffers(
 async def test_connections_share_one_payload_pool(
     image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A buffer one connection's write gave back serves the next connection's write,
-    so idle connections do not each keep buffers of their own."""
+    """A buffer one connection's write gave back serves another connection's write,
+    so idle connections do not each keep buffers of their own; once no connection
+    is left the pool lets its buffers go."""
     path, _ = image
     taken: list[bool] = []
     original_take = connection_module.PayloadPool.take
@@ -504,18 +505,32 @@ async def test_connections_share_one_payload_pool(
         taken.append(buf is not None)
         return buf
 
+    cleared = trio.Event()
+    original_clear = connection_module.PayloadPool.clear
+
+    def noting_clear(pool: Any) -> None:
+        original_clear(pool)
+        cleared.set()
+
     monkeypatch.setattr(connection_module.PayloadPool, "take", counting_take)
+    monkeypatch.setattr(connection_module.PayloadPool, "clear", noting_clear)
     length = 128 * 1024
     async with serving(export(path, "disk")) as srv:
         async with await connect(srv) as first:
             await first.go("disk")
             await first.write(2 * MiB, b"a" * length)
-        async with await connect(srv) as second:
-            await second.go("disk")
-            await second.write(3 * MiB, b"b" * length)
-            assert await second.read(2 * MiB, 4) == b"aaaa"
-            assert await second.read(3 * MiB, 4) == b"bbbb"
-    assert taken == [False, True], taken
+            async with await connect(srv) as second:
+                await second.go("disk")
+                await second.write(3 * MiB, b"b" * length)
+                assert await second.read(2 * MiB, 4) == b"aaaa"
+                assert await second.read(3 * MiB, 4) == b"bbbb"
+        assert not cleared.is_set(), "the pool was cleared while connections were open"
+        with trio.fail_after(10):
+            await cleared.wait()  # the server saw both connections end
+        async with await connect(srv) as third:
+            await third.go("disk")
+            await third.write(4 * MiB, b"c" * length)
+    assert taken == [False, True, False], taken
 
 
 def allocated(path: Path) -> int:

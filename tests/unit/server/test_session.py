@@ -461,15 +461,9 @@ async def test_fua_write_and_flush_reach_the_file(image: tuple[Path, bytearray])
         assert await c.read(3 * MiB, 4, CmdFlag.FUA) == b"FFFF"
 
 
-async def test_inline_writes_reuse_their_payload_buffers(
-    image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Large writes answered inline hand their buffer back for the next one.
-
-    One write at a time, so each is the last request of its batch: nothing in
-    the read loop may keep that Request (and so its buffer) alive past recycle.
-    """
-    path, model = image
+@pytest.fixture
+def pool_takes(monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Whether each PayloadPool.take found a buffer, in order."""
     taken: list[bool] = []
     original_take = connection_module.PayloadPool.take
 
@@ -479,6 +473,18 @@ async def test_inline_writes_reuse_their_payload_buffers(
         return buf
 
     monkeypatch.setattr(connection_module.PayloadPool, "take", counting_take)
+    return taken
+
+
+async def test_inline_writes_reuse_their_payload_buffers(
+    image: tuple[Path, bytearray], pool_takes: list[bool]
+) -> None:
+    """Large writes answered inline hand their buffer back for the next one.
+
+    One write at a time, so each is the last request of its batch: nothing in
+    the read loop may keep that Request (and so its buffer) alive past recycle.
+    """
+    path, model = image
     length = 128 * 1024  # a large payload (own buffer), small enough to write inline
     async with serving(export(path, "disk")) as srv, await connect(srv) as c:
         await c.go("disk")
@@ -487,24 +493,16 @@ async def test_inline_writes_reuse_their_payload_buffers(
             await c.write(2 * MiB + i * length, data)
             model[2 * MiB + i * length : 2 * MiB + (i + 1) * length] = data
         assert await c.read(2 * MiB, 6 * length) == model[2 * MiB : 2 * MiB + 6 * length]
-    assert taken == [False] + [True] * 5, taken
+    assert pool_takes == [False] + [True] * 5, pool_takes
 
 
 async def test_connections_share_one_payload_pool(
-    image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
+    image: tuple[Path, bytearray], pool_takes: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A buffer one connection's write gave back serves another connection's write,
     so idle connections do not each keep buffers of their own; once no connection
     is left the pool lets its buffers go."""
     path, _ = image
-    taken: list[bool] = []
-    original_take = connection_module.PayloadPool.take
-
-    def counting_take(pool: Any, length: int) -> bytearray | None:
-        buf = original_take(pool, length)
-        taken.append(buf is not None)
-        return buf
-
     cleared = trio.Event()
     original_clear = connection_module.PayloadPool.clear
 
@@ -512,7 +510,6 @@ async def test_connections_share_one_payload_pool(
         original_clear(pool)
         cleared.set()
 
-    monkeypatch.setattr(connection_module.PayloadPool, "take", counting_take)
     monkeypatch.setattr(connection_module.PayloadPool, "clear", noting_clear)
     length = 128 * 1024
     async with serving(export(path, "disk")) as srv:
@@ -530,7 +527,7 @@ async def test_connections_share_one_payload_pool(
         async with await connect(srv) as third:
             await third.go("disk")
             await third.write(4 * MiB, b"c" * length)
-    assert taken == [False, True, False], taken
+    assert pool_takes == [False, True, False], pool_takes
 
 
 def allocated(path: Path) -> int:

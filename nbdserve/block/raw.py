@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from nbdserve.block import formats
 from nbdserve.block.base import (
     Capabilities,
     Extent,
@@ -17,7 +16,7 @@ from nbdserve.block.base import (
     Support,
     fill_zeros,
 )
-from nbdserve.block.formats import PROBE_SIZE
+from nbdserve.block.formats import PROBE_SIZE, probe
 from nbdserve.errors import NotSupportedError, ProbedHeaderError
 
 if TYPE_CHECKING:
@@ -98,7 +97,7 @@ class RawDriver(FormatDriver):
         view = memoryview(data).cast("B")
         n = min(len(view), PROBE_SIZE - host)
         header[host : host + n] = view[:n]
-        fmt = formats.probe(bytes(header), allow_raw=True)
+        fmt = probe(bytes(header), allow_raw=True)
         if fmt != "raw":
             raise ProbedHeaderError(
                 f"write refused: the image was probed as raw and this write would make "

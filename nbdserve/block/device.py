@@ -130,6 +130,17 @@ class BlockDevice:
             return None
         return self.top.fast_reader()
 
+    def inline_writer(self, max_length: int) -> Callable[[int, Buffer], bool] | None:
+        """A function that writes up to ``max_length`` bytes without blocking
+        (True) or declines (False); None when this device never can.
+
+        The write side of ``inline_reader``, for writes without FUA, with the
+        same terms: callers validate the range, and writes are not counted.
+        """
+        if self.read_only or self._align > 1 or max_length > self._max:
+            return None
+        return self.top.fast_writer()
+
     def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
         """See BlockDriver.zero_copy_region; None for devices that transform data."""
         if self._align > 1 or length > self._max:

@@ -281,9 +281,20 @@ class FileBackend:
     def try_pwrite(self, offset: int, data: Buffer) -> bool:
         """Write small buffers straight into the page cache."""
         mv = memoryview(data)
-        if mv.nbytes > INLINE_WRITE_MAX or self.direct:
+        n = mv.nbytes
+        if n > INLINE_WRITE_MAX or self.direct:
             return False
-        self._check_host_range(offset, mv.nbytes, "write")
+        if offset < 0 or offset + n > _MAX_HOST_OFFSET:  # inline: this is the hot path
+            self._check_host_range(offset, n, "write")
+        if mv.format == "B" and offset + n <= self._size:
+            # the common case, a rewrite inside the file, in one call
+            try:
+                done = os.pwrite(self.fd, mv, offset)
+            except OSError as exc:
+                raise from_os_error(exc, f"write {self.path}") from exc
+            if done == n:
+                return True
+            offset, mv = offset + done, mv[done:]
         self._pwrite_all(offset, mv)
         return True
 

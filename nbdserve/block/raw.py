@@ -80,6 +80,11 @@ class RawDriver(FormatDriver):
             return False
         return self._file.try_pwrite(self._base + offset, data)
 
+    def fast_writer(self) -> Callable[[int, Buffer], bool]:
+        if self._base == 0 and not self._guard_header:
+            return self._file.try_pwrite
+        return self.try_write
+
     async def write(self, offset: int, data: Buffer, *, fua: bool = False) -> None:
         host = self._base + offset
         if self._guard_header and host < PROBE_SIZE:

@@ -59,7 +59,12 @@ from nbdserve.protocol.state import (
     TRANSMISSION_REPLIES,
     Phase,
 )
-from nbdserve.protocol.validate import TransmissionState, is_plain_read, validate_request
+from nbdserve.protocol.validate import (
+    TransmissionState,
+    is_plain_read,
+    is_plain_write,
+    validate_request,
+)
 from nbdserve.protocol.wire import (
     EXPORT_NAME_ZEROES,
     EXTENDED_READ_CHUNK_STRUCT,
@@ -93,6 +98,7 @@ _DONE = int(ReplyFlag.DONE)
 _WRITE = int(Cmd.WRITE)
 _DISC = int(Cmd.DISC)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
+_NO_PAYLOAD = int(ReplyType.NONE)
 _BATCH_ENDERS = (ev.Disconnect, ev.ConnectionClosed)
 
 DEFAULT_MAX_OPTION_SIZE = 64 * 1024
@@ -492,14 +498,18 @@ class ServerConnection:
         return ev.Request(handle, cmd, flags, offset, length)
 
     def _read_write(self, hsize: int, flags: int, handle: int, offset: int, length: int) -> object:
-        bad = validate_request(self._transmission_state(), _WRITE, flags, offset, length)
+        st = self._tstate or self._transmission_state()
+        if is_plain_write(st, flags, offset, length):
+            bad = None
+        else:
+            bad = validate_request(st, _WRITE, flags, offset, length)
         if length > self.max_payload:
             # never buffer an over-long payload: discard it as it streams in
             self._pos += hsize
             self._skip_bytes(length)
             reason = bad[1] if bad else f"write of {length} bytes is too large"
             return ev.InvalidRequest(handle, _WRITE, flags, offset, length, NbdErrno.EINVAL, reason)
-        if self.buffered < hsize + length:
+        if len(self._buf) - self._pos < hsize + length:
             if length >= LARGE_PAYLOAD and bad is None:
                 return self._start_payload(hsize, flags, handle, offset, length)
             return self._eof_or(ev.NEED_DATA, "inside a write payload")
@@ -730,8 +740,15 @@ class ServerConnection:
     # what the matching events would (the unit tests compare both ways).
 
     def reply_ok(self, handle: int, req_offset: int = 0) -> bytes:
+        # _chunk spelled out: this is the reply to every inline write
+        if self._extended:
+            return EXTENDED_REPLY_STRUCT.pack(
+                EXTENDED_REPLY_MAGIC, _DONE, _NO_PAYLOAD, handle, req_offset, 0
+            )
         if self._structured:
-            return self._chunk(handle, _DONE, ReplyType.NONE, 0, req_offset)
+            return STRUCTURED_REPLY_STRUCT.pack(
+                STRUCTURED_REPLY_MAGIC, _DONE, _NO_PAYLOAD, handle, 0
+            )
         return SIMPLE_REPLY_STRUCT.pack(SIMPLE_REPLY_MAGIC, 0, handle)
 
     def reply_read_header(self, handle: int, offset: int, length: int) -> bytes:

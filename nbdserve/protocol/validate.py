@@ -48,8 +48,9 @@ class TransmissionState:
     min_block: int
     allowed: Mapping[int, int]
     read_only: bool
-    # the command flags a READ may not carry, precomputed for the fast path
+    # the command flags a READ / WRITE may not carry, precomputed for the fast path
     read_forbidden: int = 0
+    write_forbidden: int = 0
 
     @classmethod
     def create(
@@ -82,6 +83,7 @@ class TransmissionState:
             allowed=allowed,
             read_only=bool(flags & TxFlag.READ_ONLY),
             read_forbidden=~allowed[_READ],
+            write_forbidden=~allowed[_WRITE],
         )
 
 
@@ -106,6 +108,17 @@ def is_plain_read(st: TransmissionState, cmd: int, flags: int, offset: int, leng
     return (
         cmd == _READ
         and not flags & st.read_forbidden
+        and 0 < length <= st.max_payload
+        and offset + length <= st.size
+        and st.min_block == 1
+    )
+
+
+def is_plain_write(st: TransmissionState, flags: int, offset: int, length: int) -> bool:
+    """True for a WRITE that validate_request would accept (as is_plain_read)."""
+    return (
+        not st.read_only
+        and not flags & st.write_forbidden
         and 0 < length <= st.max_payload
         and offset + length <= st.size
         and st.min_block == 1

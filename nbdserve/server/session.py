@@ -600,7 +600,7 @@ class Session:
         reader = device.inline_reader(inline_max)
         hsize = conn.reply_read_header_size()
         pack_header = conn.reply_read_header_into
-        try_write = device.try_write
+        writer = device.inline_writer(conn.max_payload)
         reply_ok = conn.reply_ok
         recycle = conn.recycle
         zero_copy = device.zero_copy_region
@@ -637,9 +637,9 @@ class Session:
                     if extents is not None:
                         out.extend(block_status_reply(conn, req, extents))
                         continue
-                elif cmd == write_cmd:
+                elif cmd == write_cmd and writer is not None and not req.flags & _FUA:
                     assert req.payload is not None
-                    if try_write(req.offset, req.payload, fua=bool(req.flags & _FUA)):
+                    if writer(req.offset, req.payload):
                         recycle(req.payload)
                         out.append(reply_ok(req.handle, req.offset))
                         continue

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from nbdserve.block.base import Extent, Status
+from nbdserve.block.device import BlockDevice
 from nbdserve.block.file import FileBackend
 from nbdserve.block.raw import RawDriver
 
@@ -188,5 +189,53 @@ async def test_read_only_file_makes_a_read_only_driver(tmp_path: Path) -> None:
         assert not driver.caps.discard
         # writes never reach it: BlockDevice refuses them (the driver contract)
         assert await _read(driver, 0, 4) == b"\x05" * 4
+    finally:
+        await driver.aclose()
+
+
+# ---- the server's inline write path ----------------------------------------
+
+QCOW2_MAGIC = b"QFI\xfb"
+
+
+async def test_inline_writer_lands_in_the_file_through_a_window(tmp_path: Path) -> None:
+    path = tmp_path / "w.raw"
+    _sparse_file(path, 2 * MiB, [])
+    file = FileBackend.open(str(path), read_only=False)
+    for base in (0, 64 * KiB):
+        driver = RawDriver(file, read_only=False, window_offset=base, window_size=MiB)
+        write = BlockDevice(driver).inline_writer(32 * MiB)
+        assert write is not None
+        assert write(4096, b"\x11" * 4096)
+        with open(path, "rb") as f:
+            f.seek(base + 4096)
+            assert f.read(4096) == b"\x11" * 4096, base
+    os.close(file.fd)
+
+
+async def test_inline_writer_keeps_the_probed_header_guard(tmp_path: Path) -> None:
+    """A raw image whose format was guessed must not be turned into a qcow2 by
+    a guest's write, not even on the per-request inline path."""
+    path = tmp_path / "probed.raw"
+    _sparse_file(path, MiB, [])
+    driver = RawDriver(FileBackend.open(str(path), read_only=False), read_only=False, probed=True)
+    try:
+        write = BlockDevice(driver).inline_writer(32 * MiB)
+        assert write is not None
+        assert not write(0, QCOW2_MAGIC + bytes(4092)), "declined: the async path checks it"
+        assert path.read_bytes()[:4] == bytes(4)
+        assert write(64 * KiB, b"\x22" * 4096), "past the probed header it writes inline"
+        assert path.read_bytes()[64 * KiB : 68 * KiB] == b"\x22" * 4096
+    finally:
+        await driver.aclose()
+
+
+async def test_no_inline_writer_where_writes_must_not_be_inline(tmp_path: Path) -> None:
+    path = tmp_path / "ro.raw"
+    _sparse_file(path, MiB, [])
+    driver = RawDriver(FileBackend.open(str(path), read_only=False), read_only=False)
+    try:
+        assert BlockDevice(driver, read_only=True).inline_writer(4096) is None
+        assert BlockDevice(driver).inline_writer(driver.limits.max_transfer + 1) is None
     finally:
         await driver.aclose()

@@ -280,6 +280,7 @@ from hypothesis import strategies as hs  # noqa: E402
 from nbdserve.protocol.validate import (  # noqa: E402
     TransmissionState,
     is_plain_read,
+    is_plain_write,
     validate_request,
 )
 
@@ -307,3 +308,27 @@ def test_plain_read_shortcut_never_accepts_what_validation_refuses(
     )
     if is_plain_read(st, cmd, flags, offset, length):
         assert validate_request(st, cmd, flags, offset, length) is None
+
+
+@given(
+    tx=hs.integers(0, (1 << 13) - 1),
+    structured=hs.booleans(),
+    min_block=hs.sampled_from([1, 512, 4096]),
+    flags=hs.sampled_from([0, int(CmdFlag.FUA)]) | hs.integers(0, 0xFFFF),
+    offset=hs.integers(0, 1 << 31),
+    length=hs.integers(0, 1 << 26),
+)
+def test_plain_write_shortcut_never_accepts_what_validation_refuses(
+    tx: int, structured: bool, min_block: int, flags: int, offset: int, length: int
+) -> None:
+    st = TransmissionState.create(
+        size=1 << 30,
+        flags=TxFlag(tx) | TxFlag.HAS_FLAGS,
+        structured=structured,
+        extended=False,
+        has_meta_context=structured,
+        max_payload=32 << 20,
+        min_block=min_block,
+    )
+    if is_plain_write(st, flags, offset, length):
+        assert validate_request(st, Cmd.WRITE, flags, offset, length) is None

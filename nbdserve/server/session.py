@@ -62,6 +62,8 @@ RECEIVE_SIZE = 256 * 1024
 SPIN_SECONDS = 30e-6
 # while requests keep arriving, let other tasks run at least this often
 YIELD_INTERVAL = 0.5e-3
+# the events after which a connection reads nothing more
+_LAST_EVENTS = (ev.Disconnect, ev.ConnectionClosed)
 _JOIN_LIMIT = 64 * 1024
 _READ = int(Cmd.READ)
 _WRITE = int(Cmd.WRITE)
@@ -88,6 +90,11 @@ def _cost(req: ev.Request) -> int:
     if req.cmd in (_READ, _WRITE):
         return req.length
     return 0
+
+
+def _unsent(rest: list[memoryview]) -> list[memoryview]:
+    """The ``write_now`` of a reply whose first part was already tried."""
+    return rest
 
 
 class Session:
@@ -186,6 +193,21 @@ class Session:
     async def _send(self, chunks: list[bytes | bytearray | memoryview]) -> None:
         """Send whole replies; without any await when the kernel takes them at once."""
         await self._write_locked(self._write_now, chunks, self._write_rest)
+
+    def _send_at_once(
+        self, chunks: list[bytes | bytearray | memoryview]
+    ) -> list[memoryview] | None:
+        """``_send`` without a coroutine for the common case: when no other reply
+        is half-sent, give the kernel what it takes now.  Returns what is left
+        (all of it when the socket may not be written now), which
+        ``_write_locked(_unsent, ...)`` finishes."""
+        if self._send_lock.locked() or self._broken:
+            return [memoryview(chunk) for chunk in chunks]
+        try:
+            return self._write_now(chunks)
+        except BaseException:
+            self._mark_broken()
+            raise
 
     async def _write_locked(
         self,
@@ -306,8 +328,8 @@ class Session:
         if n is None:
             n = await self.transport.receive_into(view)
             self._last_yield = perf_counter()
-        else:
-            await self._maybe_yield()
+        elif perf_counter() - self._last_yield >= YIELD_INTERVAL:
+            await self._yield_now()
         self.conn.receive_data(view[:n])
 
     def _receive_view(self) -> memoryview:
@@ -330,17 +352,15 @@ class Session:
             return view[: EXTENDED_REQUEST_SIZE if self.conn.extended_headers else REQUEST_SIZE]
         return view
 
-    async def _maybe_yield(self) -> None:
-        """Let other tasks run at least every YIELD_INTERVAL while data keeps coming.
+    async def _yield_now(self) -> None:
+        """Let other tasks run: done at least every YIELD_INTERVAL while data keeps coming.
 
         A scheduler pass per batch would cost more than the batch itself at
         queue depth 1; a pass per interval keeps other clients and
         cancellation (shutdown) waiting no longer than that.
         """
-        now = perf_counter()
-        if now - self._last_yield >= YIELD_INTERVAL:
-            self._last_yield = now
-            await trio.lowlevel.checkpoint()
+        self._last_yield = perf_counter()
+        await trio.lowlevel.checkpoint()
 
     def _spin_receive(self, view: memoryview) -> int | None:
         """Poll the socket briefly before parking in the scheduler.
@@ -565,7 +585,9 @@ class Session:
             else:
                 deferred = self._answer_inline(events, device, out, files)
             if out:
-                await self._send(out)
+                rest = self._send_at_once(out)
+                if rest is not None:
+                    await self._write_locked(_unsent, rest, self._write_rest)
             for file_reply in files:
                 await self._send_file(file_reply)
             answered = len(out) + len(files)
@@ -575,7 +597,7 @@ class Session:
                 await self._start_all(nursery, deferred, device)
             # not bound to a name: a Request kept alive here would hold its
             # payload buffer past recycle() and make the pool miss
-            if isinstance(events[-1], ev.Disconnect | ev.ConnectionClosed):
+            if type(events[-1]) in _LAST_EVENTS:
                 return
 
     def _answer_inline(
@@ -649,7 +671,7 @@ class Session:
                 stats.errors += 1
                 self._log_invalid(event)
                 out.append(conn.reply_error(event.handle, event.errno, event.reason, event.offset))
-            elif not isinstance(event, ev.Disconnect | ev.ConnectionClosed):
+            elif type(event) not in _LAST_EVENTS:
                 raise AssertionError(f"unexpected transmission event {event!r}")
         stats.bytes_read += read_bytes
         stats.bytes_written += write_bytes

@@ -571,6 +571,7 @@ class Session:
         conn = self.conn
         device = export.device
         stats = self.stats
+        answer_inline = self._inline_answerer(device)
         while True:
             events = conn.next_events()
             if not events:
@@ -583,7 +584,7 @@ class Session:
             if self.registry.shutting_down:
                 deferred = self._refuse_all(events, out)
             else:
-                deferred = self._answer_inline(events, device, out, files)
+                deferred = answer_inline(events, out, files)
             if out:
                 rest = self._send_at_once(out)
                 if rest is not None:
@@ -600,20 +601,16 @@ class Session:
             if type(events[-1]) in _LAST_EVENTS:
                 return
 
-    def _answer_inline(
-        self,
-        events: list[object],
-        device: BlockDevice,
-        out: list[bytes | bytearray | memoryview],
-        files: list[_FileReply],
-    ) -> list[ev.Request]:
-        """Answer what can be answered without blocking; return the rest.
+    def _inline_answerer(
+        self, device: BlockDevice
+    ) -> Callable[
+        [list[object], list[bytes | bytearray | memoryview], list[_FileReply]], list[ev.Request]
+    ]:
+        """The connection's ``answer_inline(events, out, files)``, see below.
 
-        Large reads of page-cached, verbatim-stored data become ``files``
-        entries, sent with sendfile after ``out``.
-
-        This is the per-request hot path: everything it needs is bound to
-        locals once per batch.
+        Built once, when transmission starts: what it needs is fixed by then
+        (the export, the negotiated reply style), and at queue depth 1 binding
+        it per batch was binding it per request.
         """
         conn = self.conn
         request_t = ev.Request
@@ -628,54 +625,70 @@ class Session:
         zero_copy = device.zero_copy_region
         stats = self.stats
         per_command = stats.requests  # valid requests have known commands
-        read_bytes = write_bytes = 0
-        deferred: list[ev.Request] = []
-        for event in events:
-            if type(event) is request_t:
-                req: ev.Request = event
-                cmd = req.cmd
-                per_command[cmd] += 1
-                if cmd == read_cmd:
-                    read_bytes += req.length
-                elif cmd == write_cmd:
-                    write_bytes += req.length
-                if cmd == read_cmd and req.length >= ZERO_COPY_MIN:
-                    region = zero_copy(req.offset, req.length)
-                    if region is not None:
-                        header = conn.reply_read_header(req.handle, req.offset, req.length)
-                        files.append(_FileReply(header, region[0], region[1], req.length))
-                        continue
-                if cmd == read_cmd and reader is not None and req.length < inline_max:
-                    n = req.length
-                    buf = bytearray(hsize + n)
-                    if reader(req.offset, memoryview(buf)[hsize:]):
-                        pack_header(buf, req.handle, req.offset, n)
-                        out.append(buf)
-                        continue
-                elif cmd == status_cmd:
-                    extents = device.try_block_status(
-                        req.offset, req.length, max_extents=status_extents_wanted(req)
+
+        def answer_inline(
+            events: list[object],
+            out: list[bytes | bytearray | memoryview],
+            files: list[_FileReply],
+        ) -> list[ev.Request]:
+            """Answer what can be answered without blocking; return the rest.
+
+            Large reads of page-cached, verbatim-stored data become ``files``
+            entries, sent with sendfile after ``out``.  This is the
+            per-request hot path.
+            """
+            read_bytes = write_bytes = 0
+            deferred: list[ev.Request] = []
+            for event in events:
+                if type(event) is request_t:
+                    req: ev.Request = event
+                    cmd = req.cmd
+                    per_command[cmd] += 1
+                    if cmd == read_cmd:
+                        read_bytes += req.length
+                    elif cmd == write_cmd:
+                        write_bytes += req.length
+                    if cmd == read_cmd and req.length >= ZERO_COPY_MIN:
+                        region = zero_copy(req.offset, req.length)
+                        if region is not None:
+                            header = conn.reply_read_header(req.handle, req.offset, req.length)
+                            files.append(_FileReply(header, region[0], region[1], req.length))
+                            continue
+                    if cmd == read_cmd and reader is not None and req.length < inline_max:
+                        n = req.length
+                        buf = bytearray(hsize + n)
+                        if reader(req.offset, memoryview(buf)[hsize:]):
+                            pack_header(buf, req.handle, req.offset, n)
+                            out.append(buf)
+                            continue
+                    elif cmd == status_cmd:
+                        extents = device.try_block_status(
+                            req.offset, req.length, max_extents=status_extents_wanted(req)
+                        )
+                        if extents is not None:
+                            out.extend(block_status_reply(conn, req, extents))
+                            continue
+                    elif cmd == write_cmd and writer is not None and not req.flags & _FUA:
+                        assert req.payload is not None
+                        if writer(req.offset, req.payload):
+                            recycle(req.payload)
+                            out.append(reply_ok(req.handle, req.offset))
+                            continue
+                    deferred.append(req)
+                elif isinstance(event, ev.InvalidRequest):
+                    stats.count(event.cmd)
+                    stats.errors += 1
+                    self._log_invalid(event)
+                    out.append(
+                        conn.reply_error(event.handle, event.errno, event.reason, event.offset)
                     )
-                    if extents is not None:
-                        out.extend(block_status_reply(conn, req, extents))
-                        continue
-                elif cmd == write_cmd and writer is not None and not req.flags & _FUA:
-                    assert req.payload is not None
-                    if writer(req.offset, req.payload):
-                        recycle(req.payload)
-                        out.append(reply_ok(req.handle, req.offset))
-                        continue
-                deferred.append(req)
-            elif isinstance(event, ev.InvalidRequest):
-                stats.count(event.cmd)
-                stats.errors += 1
-                self._log_invalid(event)
-                out.append(conn.reply_error(event.handle, event.errno, event.reason, event.offset))
-            elif type(event) not in _LAST_EVENTS:
-                raise AssertionError(f"unexpected transmission event {event!r}")
-        stats.bytes_read += read_bytes
-        stats.bytes_written += write_bytes
-        return deferred
+                elif type(event) not in _LAST_EVENTS:
+                    raise AssertionError(f"unexpected transmission event {event!r}")
+            stats.bytes_read += read_bytes
+            stats.bytes_written += write_bytes
+            return deferred
+
+        return answer_inline
 
     def _log_invalid(self, event: ev.InvalidRequest) -> None:
         # the client's own mistake (past the end, bad flags): routine for the

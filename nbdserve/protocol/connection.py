@@ -757,7 +757,7 @@ class ServerConnection:
             return EXTENDED_READ_CHUNK_STRUCT.pack(
                 EXTENDED_REPLY_MAGIC,
                 _DONE,
-                ReplyType.OFFSET_DATA,
+                _OFFSET_DATA,
                 handle,
                 offset,
                 length + 8,
@@ -765,7 +765,7 @@ class ServerConnection:
             )
         if self._structured:
             return READ_CHUNK_STRUCT.pack(
-                STRUCTURED_REPLY_MAGIC, _DONE, ReplyType.OFFSET_DATA, handle, length + 8, offset
+                STRUCTURED_REPLY_MAGIC, _DONE, _OFFSET_DATA, handle, length + 8, offset
             )
         return SIMPLE_REPLY_STRUCT.pack(SIMPLE_REPLY_MAGIC, 0, handle)
 
@@ -777,7 +777,7 @@ class ServerConnection:
                 0,
                 EXTENDED_REPLY_MAGIC,
                 _DONE,
-                ReplyType.OFFSET_DATA,
+                _OFFSET_DATA,
                 handle,
                 offset,
                 length + 8,

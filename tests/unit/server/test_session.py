@@ -496,6 +496,41 @@ async def test_inline_writes_reuse_their_payload_buffers(
     assert pool_takes == [False] + [True] * 5, pool_takes
 
 
+async def test_small_writes_are_answered_inline_and_fua_writes_are_not(
+    image: tuple[Path, bytearray],
+) -> None:
+    """A 4 KiB write goes from the read loop straight to the page cache; one with
+    FUA goes through the device's write, which makes it durable before the reply,
+    and so does a write to the first 4 KiB of this probed raw image (the slow path
+    checks that it cannot turn the image into another format)."""
+    path, model = image
+    base = MiB
+    async with serving(export(path, "disk")) as srv, await connect(srv) as c:
+        assert srv.registry is not None
+        device = srv.registry.lookup("disk").device  # type: ignore[union-attr]
+        real_write = device.write
+        through_device: list[tuple[int, bool]] = []
+
+        async def noting_write(offset: int, data: Any, *, fua: bool = False) -> None:
+            through_device.append((offset, fua))
+            await real_write(offset, data, fua=fua)
+
+        device.write = noting_write  # type: ignore[method-assign]
+        await c.go("disk")
+        for i in range(4):
+            await c.write(base + i * 4096, bytes([i + 1]) * 4096)
+            model[base + i * 4096 : base + (i + 1) * 4096] = bytes([i + 1]) * 4096
+        assert through_device == []
+        await c.write(base + 8 * 4096, b"\x77" * 4096, flags=CmdFlag.FUA)
+        model[base + 8 * 4096 : base + 9 * 4096] = b"\x77" * 4096
+        assert through_device == [(base + 8 * 4096, True)]
+        await c.write(0, b"\x01" * 4096)
+        model[:4096] = b"\x01" * 4096
+        assert through_device[1:] == [(0, False)]
+        assert await c.read(base, 9 * 4096) == model[base : base + 9 * 4096]
+    assert path.read_bytes()[base : base + 9 * 4096] == model[base : base + 9 * 4096]
+
+
 async def test_connections_share_one_payload_pool(
     image: tuple[Path, bytearray], pool_takes: list[bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:

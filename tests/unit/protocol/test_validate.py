@@ -285,50 +285,68 @@ from nbdserve.protocol.validate import (  # noqa: E402
 )
 
 
+@hs.composite
+def transmission_states(draw: hs.DrawFn) -> TransmissionState:
+    """Any export flags, reply style and minimum block size, over a 1 GiB export."""
+    structured = draw(hs.booleans())
+    return TransmissionState.create(
+        size=1 << 30,
+        flags=TxFlag(draw(hs.integers(0, (1 << 13) - 1))) | TxFlag.HAS_FLAGS,
+        structured=structured,
+        extended=False,
+        has_meta_context=structured,
+        max_payload=32 << 20,
+        min_block=draw(hs.sampled_from([1, 512, 4096])),
+    )
+
+
 @given(
-    tx=hs.integers(0, (1 << 13) - 1),
-    structured=hs.booleans(),
-    min_block=hs.sampled_from([1, 512, 4096]),
+    st=transmission_states(),
     cmd=hs.integers(0, 9),
     flags=hs.integers(0, 0xFFFF),
     offset=hs.integers(0, 1 << 31),
     length=hs.integers(0, 1 << 26),
 )
 def test_plain_read_shortcut_never_accepts_what_validation_refuses(
-    tx: int, structured: bool, min_block: int, cmd: int, flags: int, offset: int, length: int
+    st: TransmissionState, cmd: int, flags: int, offset: int, length: int
 ) -> None:
-    st = TransmissionState.create(
-        size=1 << 30,
-        flags=TxFlag(tx) | TxFlag.HAS_FLAGS,
-        structured=structured,
-        extended=False,
-        has_meta_context=structured,
-        max_payload=32 << 20,
-        min_block=min_block,
-    )
     if is_plain_read(st, cmd, flags, offset, length):
         assert validate_request(st, cmd, flags, offset, length) is None
 
 
 @given(
-    tx=hs.integers(0, (1 << 13) - 1),
-    structured=hs.booleans(),
-    min_block=hs.sampled_from([1, 512, 4096]),
+    st=transmission_states(),
     flags=hs.sampled_from([0, int(CmdFlag.FUA)]) | hs.integers(0, 0xFFFF),
     offset=hs.integers(0, 1 << 31),
     length=hs.integers(0, 1 << 26),
 )
 def test_plain_write_shortcut_never_accepts_what_validation_refuses(
-    tx: int, structured: bool, min_block: int, flags: int, offset: int, length: int
+    st: TransmissionState, flags: int, offset: int, length: int
 ) -> None:
-    st = TransmissionState.create(
-        size=1 << 30,
-        flags=TxFlag(tx) | TxFlag.HAS_FLAGS,
-        structured=structured,
-        extended=False,
-        has_meta_context=structured,
-        max_payload=32 << 20,
-        min_block=min_block,
-    )
     if is_plain_write(st, flags, offset, length):
         assert validate_request(st, Cmd.WRITE, flags, offset, length) is None
+
+
+def test_plain_write_shortcut_takes_the_common_writes() -> None:
+    """The property above holds trivially for a shortcut that takes nothing."""
+    flags = TxFlag.HAS_FLAGS | TxFlag.SEND_FUA
+    st = TransmissionState.create(
+        size=1 << 30,
+        flags=flags,
+        structured=True,
+        extended=False,
+        has_meta_context=True,
+        max_payload=32 << 20,
+    )
+    assert is_plain_write(st, 0, 0, 4096)
+    assert is_plain_write(st, int(CmdFlag.FUA), (1 << 30) - 4096, 4096)
+    assert not is_plain_write(st, 0, (1 << 30) - 4096, 8192)
+    read_only = TransmissionState.create(
+        size=1 << 30,
+        flags=flags | TxFlag.READ_ONLY,
+        structured=True,
+        extended=False,
+        has_meta_context=True,
+        max_payload=32 << 20,
+    )
+    assert not is_plain_write(read_only, 0, 0, 4096)

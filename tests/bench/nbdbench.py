@@ -18,6 +18,10 @@ compare          for every round, format and workload, start each server in turn
                  the ratio of the subject (nbdserve) to the best peer per workload.
 memory           "many clients" mode: N fio jobs (= N NBD connections) at QD M
                  against one server; reports its RSS idle, steady, peak and after.
+neighbour        disk reads that miss the page cache must not stall other clients:
+                 a QD1 client reading a cached region alone, a QD16 client reading a
+                 region kept out of the page cache alone, then both at once; shows
+                 the hot client's IOPS and p99 latency with and without the cold one.
 report           re-print the tables of one or more --json-out files.
 profile-summary  top functions (self and inclusive) of a py-spy ``-f raw`` profile;
                  ``compare --profile DIR`` writes one per subject unit.
@@ -967,6 +971,182 @@ def memory_unit(
     return rec
 
 
+NEIGHBOUR_PHASES = ("hot", "cold", "both")
+
+
+def evict(path: Path, offset: int, length: int) -> None:
+    """Drop a clean range of a file from the page cache (the next read goes to the disk)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def warm(path: Path, offset: int, length: int) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        buf = bytearray(8 * MIB)
+        left = length
+        while left > 0:
+            n = f.readinto(memoryview(buf)[: min(left, len(buf))])
+            if not n:
+                break
+            left -= n
+
+
+class Evictor(threading.Thread):
+    """Keeps a range out of the page cache while a job reads it (every 50 ms)."""
+
+    def __init__(self, path: Path, offset: int, length: int) -> None:
+        super().__init__(daemon=True)
+        self.path, self.offset, self.length = path, offset, length
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(0.05):
+            evict(self.path, self.offset, self.length)
+
+    def finish(self) -> None:
+        self._stop_event.set()
+        self.join()
+
+
+def disk_read_bytes(pids: Iterable[int]) -> int:
+    """Bytes the processes made the kernel fetch from storage (/proc/PID/io read_bytes)."""
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/io") as f:
+                for line in f:
+                    if line.startswith("read_bytes:"):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def neighbour_argv(args: argparse.Namespace, uri: str, size: int, phase: str) -> list[str]:
+    """One fio run: the hot job, the cold job or both (separate jobs, separate figures)."""
+    half = size // 2
+    argv = [
+        "fio",
+        "--ioengine=nbd",
+        f"--uri={uri}",
+        "--time_based",
+        f"--runtime={args.runtime}",
+        f"--ramp_time={args.ramp}",
+        "--norandommap",
+        "--randrepeat=0",
+        "--output-format=json",
+        "--rw=randread",
+        "--bs=4k",
+    ]
+    if phase in ("hot", "both"):  # the first quarter, kept in the page cache
+        argv += ["--name=hot", "--iodepth=1", "--offset=0", f"--size={size // 4}"]
+    if phase in ("cold", "both"):  # the second half, kept out of it
+        argv += ["--name=cold", f"--iodepth={args.cold_iodepth}", f"--offset={half}"]
+        argv += [f"--size={size - half}"]
+    if args.pin_fio:
+        argv = ["taskset", "-c", args.pin_fio, *argv]
+    return argv
+
+
+def parse_neighbour_fio(text: str) -> dict[str, Record]:
+    jobs = json.loads(text[text.index("{") :])["jobs"]
+    out: dict[str, Record] = {}
+    for job in jobs:
+        read = job["read"]
+        pct = read.get("clat_ns", {}).get("percentile", {})
+        out[job["jobname"]] = {
+            "iops": read["iops"],
+            "lat_mean_us": read["lat_ns"]["mean"] / 1000,
+            "clat_p99_us": pct.get("99.000000", 0) / 1000,
+            "error": job.get("error", 0),
+        }
+    return out
+
+
+def neighbour_unit(args: argparse.Namespace, spec: ServerSpec, rnd: int) -> Record:
+    """One server: the three phases in one process, each from the same cache state."""
+    image = bench_image(args.dir, "raw")
+    size = image.stat().st_size
+    half = size // 2
+    base: Record = {"server": spec.name, "fmt": "raw", "workload": "neighbour", "round": rnd}
+    srv = Server(spec, "raw", image, args, f"neighbour-r{rnd}")
+    base["server_cmd"] = srv.cmdline
+    try:
+        srv.start()
+    except ServerError as e:
+        srv.stop()
+        return {**base, "error": f"server start failed: {e}"}
+    rec = dict(base)
+    try:
+        for phase in NEIGHBOUR_PHASES:
+            os.sync()
+            evict(image, 0, size)
+            warm(image, 0, size // 4)
+            argv = neighbour_argv(args, srv.uri(), size, phase)
+            evictor = Evictor(image, half, size - half)
+            evictor.start()
+            disk0 = disk_read_bytes(srv.pids)
+            try:
+                p = subprocess.run(
+                    argv,
+                    capture_output=True,
+                    text=True,
+                    timeout=args.runtime + args.ramp + 120,
+                    check=False,
+                )
+            finally:
+                evictor.finish()
+            disk = disk_read_bytes(srv.pids) - disk0
+            try:
+                jobs = parse_neighbour_fio(p.stdout)
+            except (ValueError, KeyError):
+                rec["error"] = f"{phase}: fio rc={p.returncode}: {p.stderr.strip()[-400:]}"
+                break
+            for job, figures in jobs.items():
+                if figures.pop("error"):
+                    rec["error"] = f"{phase}/{job}: fio job error: {p.stderr.strip()[-400:]}"
+                rec.update({f"{phase}_{job}_{k}": v for k, v in figures.items()})
+            rec[f"{phase}_disk_mib"] = disk / MIB
+            rec[f"{phase}_fio_cmd"] = shlex.join(argv)
+        if not alive(srv.pid) and "error" not in rec:
+            rec["error"] = "server died during the job: " + srv.log_tail()
+    finally:
+        srv.stop()
+    if "error" in rec:
+        log(f"{spec.name}/neighbour r{rnd}: ERROR {rec['error']}")
+    else:
+        log(
+            f"{spec.name}/neighbour r{rnd}: hot alone {rec['hot_hot_iops']:.0f} IOPS "
+            f"p99 {rec['hot_hot_clat_p99_us']:.0f}us; cold alone {rec['cold_cold_iops']:.0f} "
+            f"IOPS ({rec['cold_disk_mib']:.0f} MiB from disk); together hot "
+            f"{rec['both_hot_iops']:.0f} IOPS p99 {rec['both_hot_clat_p99_us']:.0f}us, "
+            f"cold {rec['both_cold_iops']:.0f} IOPS"
+        )
+    return rec
+
+
+def cmd_neighbour(args: argparse.Namespace) -> int:
+    specs = chosen_servers(args) if args.server else [PRESETS["nbdserve"], PRESETS["nbdkit-file"]]
+    args.format = ["raw"]
+    usable_formats(args)  # prepares the raw image on first use
+    records: list[Record] = []
+    for rnd in range(1, args.rounds + 1):
+        records.extend(neighbour_unit(args, s, rnd) for s in specs if runs_format(s, "raw"))
+    result: dict[str, Any] = {
+        "mode": "neighbour",
+        "versions": versions(args),
+        "args": argv_record(args),
+        "records": records,
+    }
+    print_neighbour(records)
+    write_json(args, result)
+    return 0 if all("error" not in r for r in records) else 1
+
+
 def argv_record(args: argparse.Namespace) -> dict[str, Any]:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "func"}
 
@@ -1192,6 +1372,53 @@ def print_memory(records: Sequence[Record]) -> None:
     print_errors_and_commands(records)
 
 
+def print_neighbour(records: Sequence[Record]) -> None:
+    """Medians over rounds per server: the hot client alone and beside the cold one."""
+    print(
+        "\n### a cached QD1 client beside a QD16 client whose reads miss the page cache"
+        " (raw; medians over rounds)\n"
+    )
+    by_server: dict[str, list[Record]] = {}
+    for r in records:
+        if "error" not in r:
+            by_server.setdefault(r["server"], []).append(r)
+
+    def med(rs: list[Record], field: str) -> float:
+        return float(statistics.median(r[field] for r in rs))
+
+    rows = []
+    for server, rs in by_server.items():
+        alone, beside = med(rs, "hot_hot_iops"), med(rs, "both_hot_iops")
+        rows.append(
+            [
+                server,
+                fmt_k(alone),
+                fmt_num(med(rs, "hot_hot_clat_p99_us")),
+                fmt_k(med(rs, "cold_cold_iops")),
+                fmt_num(med(rs, "cold_disk_mib")),
+                fmt_k(beside),
+                fmt_num(med(rs, "both_hot_clat_p99_us")),
+                fmt_k(med(rs, "both_cold_iops")),
+                f"{beside / alone:.2f}" if alone else "-",
+            ]
+        )
+    table(
+        [
+            "server",
+            "hot alone IOPS",
+            "p99 µs",
+            "cold alone IOPS",
+            "MiB from disk",
+            "hot beside cold IOPS",
+            "p99 µs",
+            "cold IOPS",
+            "hot kept",
+        ],
+        rows,
+    )
+    print_errors_and_commands(records)
+
+
 def print_errors_and_commands(records: Sequence[Record]) -> None:
     errors = {(r["server"], r["fmt"], r["error"][:200]): r for r in records if "error" in r}
     if errors:
@@ -1222,6 +1449,8 @@ def cmd_report(args: argparse.Namespace) -> int:
         print_compare(recs, formats, [w for w in WORKLOADS if w.name in present], args.baseline)
     if "memory" in by_mode:
         print_memory(by_mode["memory"])
+    if "neighbour" in by_mode:
+        print_neighbour(by_mode["neighbour"])
     return 0
 
 
@@ -1376,6 +1605,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iodepth", type=int, default=16, help="queue depth per client (16)")
     p.add_argument("--settle", type=float, default=2.0, help="seconds before the 'after' RSS")
     p.set_defaults(func=cmd_memory, profile=None)
+
+    p = sub.add_parser("neighbour", help="cache misses of one client beside a cached one")
+    add_common(p)
+    add_run(p, runtime=5)
+    p.add_argument("--cold-iodepth", type=int, default=16, help="queue depth of the cold client")
+    p.set_defaults(func=cmd_neighbour, profile=None)
 
     p = sub.add_parser("report", help="re-print tables from --json-out files")
     p.add_argument("files", nargs="+")

@@ -100,3 +100,46 @@ def test_memory_mode_reports_rss(tmp_path: Path) -> None:
     assert r["workload"] == "randread-4k-qd4-2conn"
     assert r["numjobs"] == 2
     assert 1 < r["rss_idle_mib"] <= r["rss_peak_mib"]
+
+
+def _filesystem_type(path: Path) -> str:
+    """The type of the mount that holds ``path`` (longest mount point that prefixes it)."""
+    best, kind = "", ""
+    for line in Path("/proc/mounts").read_text().splitlines():
+        fields = line.split()
+        mount = fields[1]
+        inside = str(path).startswith(mount.rstrip("/") + "/") or str(path) == mount
+        if inside and len(mount) > len(best):
+            best, kind = mount, fields[2]
+    return kind
+
+
+def test_neighbour_mode_reads_the_cold_region_from_disk(tmp_path: Path) -> None:
+    require_tools("fio", "qemu-img", "nbdinfo")
+    out = tmp_path / "neighbour.json"
+    scratch = tmp_path / "scratch"
+    p = nbdbench(
+        "neighbour",
+        "--dir",
+        str(scratch),
+        "--size",
+        "32M",
+        "--server",
+        "nbdserve",
+        "--runtime",
+        "1",
+        "--ramp",
+        "0",
+        "--json-out",
+        str(out),
+    )
+    (r,) = json.loads(out.read_text())["records"]
+    assert "error" not in r, r["error"]
+    for phase, job in [("hot", "hot"), ("cold", "cold"), ("both", "hot"), ("both", "cold")]:
+        assert r[f"{phase}_{job}_iops"] > 100, (phase, job)
+    assert "hot_cold_iops" not in r  # each phase ran its own jobs
+    if _filesystem_type(scratch) not in ("tmpfs", "ramfs", "overlay"):
+        # the cold client's reads really missed the page cache
+        assert r["cold_disk_mib"] > 0
+    assert "| nbdserve |" in p.stdout
+    assert "hot kept" in p.stdout

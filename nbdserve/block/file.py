@@ -286,15 +286,6 @@ class FileBackend:
             return False
         if offset < 0 or offset + n > _MAX_HOST_OFFSET:  # inline: this is the hot path
             self._check_host_range(offset, n, "write")
-        if mv.format == "B" and offset + n <= self._size:
-            # the common case, a rewrite inside the file, in one call
-            try:
-                done = os.pwrite(self.fd, mv, offset)
-            except OSError as exc:
-                raise from_os_error(exc, f"write {self.path}") from exc
-            if done == n:
-                return True
-            offset, mv = offset + done, mv[done:]
         self._pwrite_all(offset, mv)
         return True
 
@@ -306,15 +297,17 @@ class FileBackend:
         await trio.to_thread.run_sync(self._pwrite_all, offset, memoryview(data))
 
     def _pwrite_all(self, offset: int, mv: memoryview) -> None:
-        mv = mv.cast("B") if mv.format != "B" or mv.ndim != 1 else mv
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
         if self.direct:
             self._pwrite_direct(offset, mv)
             return
-        pos = 0
         n = mv.nbytes
         try:
+            # one call in the common case: this is also the inline write path
+            pos = os.pwrite(self.fd, mv, offset)
             while pos < n:
-                pos += os.pwritev(self.fd, [mv[pos:]], offset + pos)
+                pos += os.pwrite(self.fd, mv[pos:], offset + pos)
         except OSError as exc:
             raise from_os_error(exc, f"write {self.path}") from exc
         if offset + n > self._size:

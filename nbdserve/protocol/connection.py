@@ -740,15 +740,8 @@ class ServerConnection:
     # what the matching events would (the unit tests compare both ways).
 
     def reply_ok(self, handle: int, req_offset: int = 0) -> bytes:
-        # _chunk spelled out: this is the reply to every inline write
-        if self._extended:
-            return EXTENDED_REPLY_STRUCT.pack(
-                EXTENDED_REPLY_MAGIC, _DONE, _NO_PAYLOAD, handle, req_offset, 0
-            )
         if self._structured:
-            return STRUCTURED_REPLY_STRUCT.pack(
-                STRUCTURED_REPLY_MAGIC, _DONE, _NO_PAYLOAD, handle, 0
-            )
+            return self._chunk(handle, _DONE, _NO_PAYLOAD, 0, req_offset)
         return SIMPLE_REPLY_STRUCT.pack(SIMPLE_REPLY_MAGIC, 0, handle)
 
     def reply_read_header(self, handle: int, offset: int, length: int) -> bytes:

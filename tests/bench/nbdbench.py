@@ -302,13 +302,23 @@ def alive(pid: int | None) -> bool:
     return st is not None and st[1] not in ("Z", "X")
 
 
+def warm(path: Path, offset: int, length: int) -> None:
+    """Read a range of the file once so that it sits in the page cache."""
+    with open(path, "rb", buffering=0) as f:
+        f.seek(offset)
+        buf = bytearray(8 * MIB)
+        left = length
+        while left > 0:
+            n = f.readinto(memoryview(buf)[: min(left, len(buf))])
+            if not n:
+                break
+            left -= n
+
+
 def prewarm(path: Path) -> None:
-    """Read the file once so that it sits in the page cache."""
+    """Read the whole file once so that it sits in the page cache."""
     try:
-        with open(path, "rb", buffering=0) as f:
-            buf = bytearray(8 * MIB)
-            while f.readinto(buf):
-                pass
+        warm(path, 0, path.stat().st_size)
     except OSError:
         pass
 
@@ -694,22 +704,39 @@ def usable_formats(args: argparse.Namespace) -> list[str]:
 # fio
 
 
-class RssSampler(threading.Thread):
-    """RSS of a fixed set of pids every `interval` seconds, in a thread."""
+class Periodic(threading.Thread):
+    """Calls ``tick`` every ``interval`` seconds in a thread until ``stop``."""
 
-    def __init__(self, pids: Sequence[int], interval: float = 0.2) -> None:
+    def __init__(self, interval: float) -> None:
         super().__init__(daemon=True)
-        self.pids, self.interval = list(pids), interval
-        self.samples: list[float] = []
+        self.interval = interval
         self._stop_event = threading.Event()
+
+    def tick(self) -> None:
+        raise NotImplementedError
 
     def run(self) -> None:
         while not self._stop_event.wait(self.interval):
-            self.samples.append(rss_mib(self.pids))
+            self.tick()
 
-    def finish(self) -> dict[str, float]:
+    def stop(self) -> None:
         self._stop_event.set()
         self.join()
+
+
+class RssSampler(Periodic):
+    """RSS of a fixed set of pids every `interval` seconds, in a thread."""
+
+    def __init__(self, pids: Sequence[int], interval: float = 0.2) -> None:
+        super().__init__(interval)
+        self.pids = list(pids)
+        self.samples: list[float] = []
+
+    def tick(self) -> None:
+        self.samples.append(rss_mib(self.pids))
+
+    def finish(self) -> dict[str, float]:
+        self.stop()
         if not self.samples:
             return {}
         steady = self.samples[len(self.samples) // 2 :]
@@ -768,6 +795,21 @@ def parse_fio(outfile: Path, rc: int, err: str) -> Record:
     return res
 
 
+def run_fio_argv(args: argparse.Namespace, argv: Sequence[str]) -> tuple[int, str, str]:
+    """Run fio to its end or past its runtime plus a margin: (rc, stdout, stderr)."""
+    try:
+        p = subprocess.run(
+            argv,
+            capture_output=True,
+            text=True,
+            timeout=args.runtime + args.ramp + 120,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return -1, "", "fio timed out"
+    return p.returncode, p.stdout or "", (p.stderr or "").strip()
+
+
 def run_fio(args: argparse.Namespace, wl: Workload, srv: Server, outfile: Path) -> Record:
     argv = [*fio_argv(args, wl, srv.uri(), srv.export_size), f"--output={outfile}"]
     res: Record = {"fio_cmd": shlex.join(argv)}
@@ -782,17 +824,7 @@ def run_fio(args: argparse.Namespace, wl: Workload, srv: Server, outfile: Path) 
     b0, t0 = sys_cpu()
     w0 = time.monotonic()
     sampler.start()
-    try:
-        p = subprocess.run(
-            argv,
-            capture_output=True,
-            text=True,
-            timeout=args.runtime + args.ramp + 120,
-            check=False,
-        )
-        rc, err = p.returncode, (p.stderr or "").strip()
-    except subprocess.TimeoutExpired:
-        rc, err = -1, "fio timed out"
+    rc, _, err = run_fio_argv(args, argv)
     wall = time.monotonic() - w0
     b1, t1 = sys_cpu()
     res["srv_cpu_pct"] = 100.0 * (tree_cpu_seconds(srv.pid) - cpu0) / wall
@@ -983,33 +1015,15 @@ def evict(path: Path, offset: int, length: int) -> None:
         os.close(fd)
 
 
-def warm(path: Path, offset: int, length: int) -> None:
-    with open(path, "rb", buffering=0) as f:
-        f.seek(offset)
-        buf = bytearray(8 * MIB)
-        left = length
-        while left > 0:
-            n = f.readinto(memoryview(buf)[: min(left, len(buf))])
-            if not n:
-                break
-            left -= n
-
-
-class Evictor(threading.Thread):
+class Evictor(Periodic):
     """Keeps a range out of the page cache while a job reads it (every 50 ms)."""
 
     def __init__(self, path: Path, offset: int, length: int) -> None:
-        super().__init__(daemon=True)
+        super().__init__(0.05)
         self.path, self.offset, self.length = path, offset, length
-        self._stop_event = threading.Event()
 
-    def run(self) -> None:
-        while not self._stop_event.wait(0.05):
-            evict(self.path, self.offset, self.length)
-
-    def finish(self) -> None:
-        self._stop_event.set()
-        self.join()
+    def tick(self) -> None:
+        evict(self.path, self.offset, self.length)
 
 
 def disk_read_bytes(pids: Iterable[int]) -> int:
@@ -1091,24 +1105,18 @@ def neighbour_unit(args: argparse.Namespace, spec: ServerSpec, rnd: int) -> Reco
             evictor.start()
             disk0 = disk_read_bytes(srv.pids)
             try:
-                p = subprocess.run(
-                    argv,
-                    capture_output=True,
-                    text=True,
-                    timeout=args.runtime + args.ramp + 120,
-                    check=False,
-                )
+                rc, out, err = run_fio_argv(args, argv)
             finally:
-                evictor.finish()
+                evictor.stop()
             disk = disk_read_bytes(srv.pids) - disk0
             try:
-                jobs = parse_neighbour_fio(p.stdout)
+                jobs = parse_neighbour_fio(out)
             except (ValueError, KeyError):
-                rec["error"] = f"{phase}: fio rc={p.returncode}: {p.stderr.strip()[-400:]}"
+                rec["error"] = f"{phase}: fio rc={rc}: {err[-400:]}"
                 break
             for job, figures in jobs.items():
                 if figures.pop("error"):
-                    rec["error"] = f"{phase}/{job}: fio job error: {p.stderr.strip()[-400:]}"
+                    rec["error"] = f"{phase}/{job}: fio job error: {err[-400:]}"
                 rec.update({f"{phase}_{job}_{k}": v for k, v in figures.items()})
             rec[f"{phase}_disk_mib"] = disk / MIB
             rec[f"{phase}_fio_cmd"] = shlex.join(argv)

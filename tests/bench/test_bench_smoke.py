@@ -30,29 +30,26 @@ def nbdbench(*argv: str) -> subprocess.CompletedProcess[str]:
     return p
 
 
+def one_second_run(
+    command: str, scratch: Path, out: Path, *argv: str
+) -> subprocess.CompletedProcess[str]:
+    """``nbdbench COMMAND`` on a 32 MiB image, 1 s jobs without ramp, records to ``out``."""
+    return nbdbench(
+        command,
+        *("--dir", str(scratch), "--size", "32M", "--runtime", "1", "--ramp", "0"),
+        *("--json-out", str(out), *argv),
+    )
+
+
 def test_compare_one_workload_one_second(tmp_path: Path) -> None:
     require_tools("fio", "qemu-img", "nbdinfo", "nbdkit")
     out = tmp_path / "out.json"
-    p = nbdbench(
+    p = one_second_run(
         "compare",
-        "--dir",
-        str(tmp_path / "scratch"),
-        "--size",
-        "32M",
-        "--format",
-        "raw",
-        "--server",
-        "nbdserve",
-        "--server",
-        "nbdkit-file",
-        "--workloads",
-        "randread-4k-qd16",
-        "--runtime",
-        "1",
-        "--ramp",
-        "0",
-        "--json-out",
-        str(out),
+        tmp_path / "scratch",
+        out,
+        *("--format", "raw", "--server", "nbdserve", "--server", "nbdkit-file"),
+        *("--workloads", "randread-4k-qd16"),
     )
     result: dict[str, Any] = json.loads(out.read_text())
     by_server = {r["server"]: r for r in result["records"]}
@@ -72,28 +69,12 @@ def test_compare_one_workload_one_second(tmp_path: Path) -> None:
 def test_memory_mode_reports_rss(tmp_path: Path) -> None:
     require_tools("fio", "qemu-img", "nbdinfo")
     out = tmp_path / "mem.json"
-    nbdbench(
+    one_second_run(
         "memory",
-        "--dir",
-        str(tmp_path / "scratch"),
-        "--size",
-        "32M",
-        "--format",
-        "raw",
-        "--clients",
-        "2",
-        "--iodepth",
-        "4",
-        "--workloads",
-        "randread-4k",
-        "--runtime",
-        "1",
-        "--ramp",
-        "0",
-        "--settle",
-        "0",
-        "--json-out",
-        str(out),
+        tmp_path / "scratch",
+        out,
+        *("--format", "raw", "--clients", "2", "--iodepth", "4"),
+        *("--workloads", "randread-4k", "--settle", "0"),
     )
     (r,) = json.loads(out.read_text())["records"]
     assert "error" not in r, r["error"]
@@ -118,21 +99,7 @@ def test_neighbour_mode_reads_the_cold_region_from_disk(tmp_path: Path) -> None:
     require_tools("fio", "qemu-img", "nbdinfo")
     out = tmp_path / "neighbour.json"
     scratch = tmp_path / "scratch"
-    p = nbdbench(
-        "neighbour",
-        "--dir",
-        str(scratch),
-        "--size",
-        "32M",
-        "--server",
-        "nbdserve",
-        "--runtime",
-        "1",
-        "--ramp",
-        "0",
-        "--json-out",
-        str(out),
-    )
+    p = one_second_run("neighbour", scratch, out, "--server", "nbdserve")
     (r,) = json.loads(out.read_text())["records"]
     assert "error" not in r, r["error"]
     for phase, job in [("hot", "hot"), ("cold", "cold"), ("both", "hot"), ("both", "cold")]:

@@ -33,6 +33,10 @@ ZERO_CHUNK = bytes(1 << 20)
 # what write paths accept (collections.abc.Buffer arrives only in 3.12)
 Buffer = bytes | bytearray | memoryview
 
+# a read that can go out with sendfile: a file descriptor and the (host offset,
+# length) pieces of it that hold the guest's bytes, in order
+ZeroCopy = tuple[int, Sequence[tuple[int, int]]]
+
 
 class Status(enum.IntFlag):
     """One layer's answer for a range (QEMU ``BDRV_BLOCK_*`` style)."""
@@ -150,12 +154,13 @@ class BlockDriver(trio.abc.AsyncResource):
         """
         return self.try_readinto
 
-    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, host offset) when the range can be sent straight from a file.
+    def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
+        """(fd, pieces) when the range can be sent straight from a file.
 
-        Only when the guest range is stored verbatim and contiguously in one
-        host file, holds no hole worth reporting, and is resident in the page
-        cache (so a sendfile cannot wait on the disk).  Must not block.
+        Only when the guest range is stored verbatim in one host file (in
+        one piece, or in several when the format scatters its clusters),
+        holds no hole worth reporting, and is resident in the page cache (so
+        a sendfile cannot wait on the disk).  Must not block.
         """
         return None
 

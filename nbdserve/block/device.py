@@ -22,6 +22,7 @@ from nbdserve.block.base import (
     ChainExtent,
     Status,
     Support,
+    ZeroCopy,
 )
 from nbdserve.block.extents import clip_chain_extents, merge_chain_extents
 from nbdserve.errors import (
@@ -141,7 +142,7 @@ class BlockDevice:
             return None
         return self.top.fast_writer()
 
-    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+    def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
         """See BlockDriver.zero_copy_region; None for devices that transform data."""
         if self._align > 1 or length > self._max:
             return None

@@ -30,7 +30,9 @@ from nbdserve.block.base import fill_zeros
 from nbdserve.errors import HostIOError, ImageLockedError, NotSupportedError, from_os_error
 
 if TYPE_CHECKING:
-    from nbdserve.block.base import Buffer
+    from collections.abc import Sequence
+
+    from nbdserve.block.base import Buffer, ZeroCopy
 # Writes up to this size go to the page cache inline; larger ones use a thread
 # so one client's big write cannot hold the loop while the kernel throttles.
 INLINE_WRITE_MAX = 256 * 1024
@@ -252,15 +254,20 @@ class FileBackend:
         pages = (offset + length + _PAGE - 1) // _PAGE - offset // _PAGE
         return bool(self._cs_out.nr_cache >= pages)
 
-    def sendfile_region(self, offset: int, length: int) -> tuple[int, int] | None:
-        """(fd, offset) when [offset, +length) may go out with sendfile: inside the
+    def sendfile_region(self, offset: int, length: int) -> ZeroCopy | None:
+        """(fd, pieces) when [offset, +length) may go out with sendfile: inside the
         file, without holes, and in the page cache, so sendfile cannot wait on the
         disk; None otherwise (the caller then copies)."""
-        if offset + length > self._size or not self.all_data(offset, length):
-            return None
-        if not self.is_cached(offset, length):
-            return None
-        return self.fd, offset
+        return self.sendfile_pieces(((offset, length),))
+
+    def sendfile_pieces(self, pieces: Sequence[tuple[int, int]]) -> ZeroCopy | None:
+        """``sendfile_region`` for a range stored in several (offset, length) pieces."""
+        for offset, length in pieces:
+            if offset + length > self._size or not self.all_data(offset, length):
+                return None
+            if not self.is_cached(offset, length):
+                return None
+        return self.fd, pieces
 
     def all_data(self, offset: int, length: int) -> bool:
         """True when the range holds no hole (one SEEK_HOLE, unless the file has none)."""

@@ -14,6 +14,7 @@ from nbdserve.block.base import (
     Limits,
     Status,
     Support,
+    ZeroCopy,
     fill_zeros,
 )
 from nbdserve.block.formats import PROBE_SIZE, probe
@@ -69,7 +70,7 @@ class RawDriver(FormatDriver):
             return self._file.try_pread_into
         return self.try_readinto
 
-    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+    def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
         return self._file.sendfile_region(self._base + offset, length)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:

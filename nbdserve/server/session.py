@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import mmap
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from time import perf_counter
 from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
@@ -81,8 +81,16 @@ ZERO_COPY_MIN = 64 * 1024
 class _FileReply(NamedTuple):
     header: bytes
     fd: int
-    offset: int
-    length: int
+    pieces: Sequence[tuple[int, int]]  # (file offset, length), sent in order
+
+
+class _FileRest(NamedTuple):
+    """What the socket did not take of a _FileReply: the rest of one piece (the
+    arguments of ``send_file``), then whole pieces."""
+
+    first: tuple[bytes, int, int, int]
+    fd: int
+    pieces: Sequence[tuple[int, int]]
 
 
 def _cost(req: ev.Request) -> int:
@@ -291,11 +299,21 @@ class Session:
     async def _send_file(self, reply: _FileReply) -> None:
         await self._write_locked(self._file_now, reply, self._file_rest)
 
-    def _file_now(self, reply: _FileReply) -> tuple[bytes, int, int, int] | None:
-        return self.transport.try_send_file(reply.header, reply.fd, reply.offset, reply.length)
+    def _file_now(self, reply: _FileReply) -> _FileRest | None:
+        header, fd, pieces = reply
+        try_send_file = self.transport.try_send_file
+        for i, (offset, length) in enumerate(pieces):
+            rest = try_send_file(header, fd, offset, length)
+            if rest is not None:
+                return _FileRest(rest, fd, pieces[i + 1 :])
+            header = b""
+        return None
 
-    async def _file_rest(self, rest: tuple[bytes, int, int, int]) -> None:
-        await self.transport.send_file(*rest)
+    async def _file_rest(self, rest: _FileRest) -> None:
+        send_file = self.transport.send_file
+        await send_file(*rest.first)
+        for offset, length in rest.pieces:
+            await send_file(b"", rest.fd, offset, length)
 
     async def _receive_payload(self, target: memoryview) -> None:
         """Fill a large payload straight from the socket, as far as it has data."""
@@ -652,7 +670,7 @@ class Session:
                         region = zero_copy(req.offset, req.length)
                         if region is not None:
                             header = conn.reply_read_header(req.handle, req.offset, req.length)
-                            files.append(_FileReply(header, region[0], region[1], req.length))
+                            files.append(_FileReply(header, region[0], region[1]))
                             continue
                     if cmd == read_cmd and reader is not None and req.length < inline_max:
                         n = req.length

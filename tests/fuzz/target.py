@@ -80,8 +80,8 @@ async def _read_and_compare(dev: BlockDevice, offset: int, length: int) -> None:
         raise FuzzFailure(f"try_readinto disagrees with readinto at {offset}+{length}")
     region = dev.zero_copy_region(offset, length)
     if region is not None:
-        fd, host = region
-        if os.pread(fd, length, host) != bytes(buf):
+        fd, pieces = region
+        if b"".join(os.pread(fd, n, host) for host, n in pieces) != bytes(buf):
             raise FuzzFailure(f"zero_copy_region({offset}, {length}) -> {region} is wrong data")
 
 

@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 
 from nbdserve.block.chain import ChainOptions, open_chain
+from nbdserve.block.file import FileBackend
 from nbdserve.img import image_info, image_map
 from tests.conftest import require_tools
 from tests.helpers.images import (
@@ -30,6 +32,7 @@ from tests.helpers.server import export, run, running_server, uri
 pytestmark = pytest.mark.interop
 
 NAMES = sorted(MATRIX)
+MiB = 1 << 20
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +148,8 @@ async def test_fast_path_spans_contiguous_clusters_and_zero_copy(tmp_path: Path)
     require_tools("qemu-img", "qemu-io")
     path = tmp_path / "contig.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", path, "4M")
-    qemu_io(path, "write -P 7 0 1m", "write -P 8 2m 64k", "write -P 9 1m 64k")
+    qemu_io(path, "write -P 7 0 1m", "write -P 8 2m 64k", "write -P 9 1m 64k", "write -z 3m 64k")
+    want = b"\x07" * (64 * 1024) + b"\x09" * (64 * 1024)
     chain = await open_chain(str(path), ChainOptions(read_only=True))
     try:
         top = chain.top
@@ -153,14 +157,60 @@ async def test_fast_path_spans_contiguous_clusters_and_zero_copy(tmp_path: Path)
         buf = bytearray(1 << 20)
         assert top.try_readinto(0, memoryview(buf))
         assert buf == b"\x07" * (1 << 20)
-        # 1m..1m+64k was allocated after 2m: not host-contiguous with 0..1m
-        assert not top.try_readinto(960 * 1024, memoryview(bytearray(128 * 1024)))
+        # 1m..1m+64k was allocated after 2m: two pieces of the file, read one by one
+        scattered = bytearray(128 * 1024)
+        assert top.try_readinto(960 * 1024, memoryview(scattered))
+        assert scattered == want
+        slow = bytearray(128 * 1024)
+        await top.readinto(960 * 1024, memoryview(slow))
+        assert slow == want
+        # a zero cluster (3m) or an unallocated one (2m+64k) is not file data
+        assert top.zero_copy_region(3 * MiB - 64 * 1024, 128 * 1024) is None
+        assert top.zero_copy_region(2 * MiB, 128 * 1024) is None
+        assert not top.try_readinto(2 * MiB, memoryview(bytearray(128 * 1024)))
+        # zero-copy regions exist only when the pages are resident (cachestat)
         region = top.zero_copy_region(64 * 1024, 512 * 1024)
-        if region is not None:  # only when the pages are resident (cachestat)
-            fd, host = region
-            assert os.pread(fd, 16, host) == b"\x07" * 16
+        if region is not None:
+            fd, pieces = region
+            assert list(pieces) == [(pieces[0][0], 512 * 1024)], pieces
+            assert os.pread(fd, 16, pieces[0][0]) == b"\x07" * 16
+        region = top.zero_copy_region(960 * 1024, 128 * 1024)
+        if region is not None:
+            fd, pieces = region
+            assert [n for _, n in pieces] == [64 * 1024, 64 * 1024], pieces
+            assert b"".join(os.pread(fd, n, host) for host, n in pieces) == want
     finally:
         await chain.aclose()
+
+
+async def test_scattered_clusters_reach_clients_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest that wrote its disk back to front leaves no cluster next to its
+    neighbour in the file.  Large reads then go out a stretch at a time (sendfile
+    or a read per stretch), and clients must still get the guest's bytes in order."""
+    require_tools("qemu-img", "qemu-io", "nbdcopy")
+    path = tmp_path / "scattered.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "8M")
+    # 128 KiB stretches (two clusters each) in reverse order, a zero cluster, a hole
+    writes = [f"write -P {k + 1} {k * 128 * 1024} 128k" for k in reversed(range(64))]
+    qemu_io(path, *writes, "write -z 3m 64k", "discard 5m 64k")
+    asked: list[int] = []
+    original = FileBackend.sendfile_pieces
+
+    def noting(file: FileBackend, pieces: Sequence[tuple[int, int]]) -> object:
+        asked.append(len(pieces))
+        return original(file, pieces)
+
+    monkeypatch.setattr(FileBackend, "sendfile_pieces", noting)
+    async with running_server(export(path, "s", format="qcow2", read_only=True)) as handle:
+        u = uri(handle, "s")
+        for request_size in (256 * 1024, MiB):
+            out = tmp_path / f"copy-{request_size}.raw"
+            await run("nbdcopy", f"--request-size={request_size}", u, out)
+            await run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", out, path)
+        await run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", u, path)
+    assert max(asked, default=0) >= 2, f"no read spanned two stretches: {asked}"
 
 
 @pytest.mark.parametrize("opts", ["cluster_size=64k", "extended_l2=on"])

@@ -59,6 +59,7 @@ from nbdserve.block.base import (
     Limits,
     Status,
     Support,
+    ZeroCopy,
     fill_zeros,
 )
 from nbdserve.block.file import FileBackend
@@ -587,7 +588,7 @@ class FvdDriver(FormatDriver):
             return True
         return self._store.try_pread_into(self._store_base + p * cs + offset - index * cs, buf)
 
-    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+    def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
         if self._closed or not self._all_in_image(offset, offset + length):
             return None
         table = self._table

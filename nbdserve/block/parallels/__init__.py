@@ -56,6 +56,7 @@ from nbdserve.block.base import (
     Limits,
     Status,
     Support,
+    ZeroCopy,
 )
 from nbdserve.block.parallels.bat import BatProblems, BatTable
 from nbdserve.block.parallels.structs import (
@@ -264,7 +265,7 @@ class ParallelsDriver(FormatDriver):
 
         return read
 
-    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+    def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
         """The range as one host stretch when its clusters are allocated and follow each
         other on the host, every byte of it is in the page cache, and no BAT entry of it
         points outside the file; None otherwise (the copying path then serves it)."""

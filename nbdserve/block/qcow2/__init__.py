@@ -47,6 +47,7 @@ from nbdserve.block.base import (
     Limits,
     Status,
     Support,
+    ZeroCopy,
     fill_zeros,
 )
 from nbdserve.block.qcow2.cache import TableCache
@@ -477,10 +478,10 @@ class Qcow2Driver(FormatDriver):
 
     # ---- mapping ---------------------------------------------------------------------
 
-    async def _map(self, offset: int, length: int) -> list[Run]:
+    async def _map(self, offset: int, length: int, *, hosts_matter: bool = True) -> list[Run]:
         """This layer's runs for [offset, +length) (QEMU qcow2_get_host_offset)."""
         async with self._meta:
-            return await self.cmap.map_runs(offset, length)
+            return await self.cmap.map_runs(offset, length, hosts_matter=hosts_matter)
 
     # ---- reads -------------------------------------------------------------------------
 
@@ -491,6 +492,10 @@ class Qcow2Driver(FormatDriver):
         host = self.cmap.peek_host(offset, len(buf))
         if host >= 0:
             return self.data_file.try_pread_into(host, buf)
+        if len(buf) > self.header.cluster_size:  # several clusters, not contiguous
+            pieces = self.cmap.peek_host_pieces(offset, len(buf))
+            if pieces is not None:
+                return self._try_read_pieces(pieces, buf)
         if self.cmap.peek_reads_zero(offset, len(buf), no_backing=self.backing is None):
             fill_zeros(buf)
             return True
@@ -500,20 +505,45 @@ class Qcow2Driver(FormatDriver):
             return self._try_read_backing(offset, buf)
         return False
 
-    def zero_copy_region(self, offset: int, length: int) -> tuple[int, int] | None:
+    def _try_read_pieces(self, pieces: list[tuple[int, int]], buf: memoryview) -> bool:
+        """Read a fragmented range piece by piece from the page cache; False at the
+        first piece that is not cached (the caller then reads it all again)."""
+        try_pread = self.data_file.try_pread_into
+        pos = 0
+        for host, n in pieces:
+            if not try_pread(host, buf[pos : pos + n]):
+                return False
+            pos += n
+        return True
+
+    def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
         if self._closed:
             return None
         host = self.cmap.peek_host(offset, length)
-        if host < 0:
+        if host >= 0:
+            return self.data_file.sendfile_region(host, length)
+        if length <= self.header.cluster_size:
             return None
-        return self.data_file.sendfile_region(host, length)
+        # clusters scattered over the file (written in random order): one sendfile
+        # per stretch still beats copying them through a buffer
+        pieces = self.cmap.peek_host_pieces(offset, length)
+        if pieces is None:
+            return None
+        return self.data_file.sendfile_pieces(pieces)
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()
+        pieces = self.cmap.peek_host_pieces(offset, len(buf))
+        if pieces is not None and self._try_read_pieces(pieces, buf):
+            await trio.lowlevel.checkpoint()
+            return
         with self._failing_on_corruption():
             runs = await self._map(offset, len(buf))
+        try_pread = self.data_file.try_pread_into
         for run in runs:
             view = buf[run.guest_offset - offset : run.end - offset]
+            if run.kind == RunKind.NORMAL and try_pread(run.host_offset, view):
+                continue  # page-cached: no trip through the scheduler per fragment
             await self._read_run(run, view)
 
     async def _read_run(self, run: Run, view: memoryview) -> None:
@@ -594,7 +624,9 @@ class Qcow2Driver(FormatDriver):
             return [Extent(offset, cap, Status.NONE)]
         limit_end = self._status_limit(offset, offset + cap)
         try:
-            runs = self.cmap.peek_runs(offset, min(cap, max(1, limit_end - offset)))
+            runs = self.cmap.peek_runs(
+                offset, min(cap, max(1, limit_end - offset)), hosts_matter=False
+            )
         except CorruptImageError:
             return None  # the async path reports it (and marks the image failed)
         if runs is None:
@@ -606,8 +638,12 @@ class Qcow2Driver(FormatDriver):
         cap = min(length, self.size - offset)
         # bound the work per call by the number of L2 tables that may be mapped
         limit_end = self._status_limit(offset, offset + cap)
+        # a preallocated image's status asks the host file about each data run
+        hosts_matter = self._metadata_prealloc is not False
         with self._failing_on_corruption():
-            runs = await self._map(offset, min(cap, max(1, limit_end - offset)))
+            runs = await self._map(
+                offset, min(cap, max(1, limit_end - offset)), hosts_matter=hosts_matter
+            )
             if self._metadata_prealloc is None:
                 self._metadata_prealloc = await self._detect_metadata_preallocation()
         return self._runs_to_extents(runs)

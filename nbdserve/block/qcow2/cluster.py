@@ -311,12 +311,21 @@ def units_to_runs(
     entries: np.ndarray,
     guest_start: int,
     first_unit: int,
+    *,
+    hosts_matter: bool = True,
 ) -> list[Run]:
-    """Merge classified units into runs (guest_start is the first unit's guest offset)."""
+    """Merge classified units into runs (guest_start is the first unit's guest offset).
+
+    With ``hosts_matter`` false (block status) only the kind splits runs: a
+    fragmented stretch of data is one run, not one per cluster, and its runs
+    carry no host offset or entry.
+    """
     n = len(kinds)
     unit = 1 << g.unit_bits
     if n == 1:
         breaks = np.zeros(0, dtype=np.int64)
+    elif not hosts_matter:
+        breaks = np.flatnonzero(kinds[:-1] != kinds[1:]) + 1
     else:
         k0, k1 = kinds[:-1], kinds[1:]
         brk = k0 != k1
@@ -331,25 +340,29 @@ def units_to_runs(
     out = []
     for s, e in zip(starts, ends, strict=True):
         kind = RunKind(int(kinds[s]))
+        guest, length = guest_start + (s << g.unit_bits), (e - s) << g.unit_bits
+        if not hosts_matter:
+            out.append(Run(kind, guest, length))
+            continue
         host = int(hosts[s]) if kind in (RunKind.NORMAL, RunKind.ZERO_ALLOC) else 0
         entry = int(entries[s]) if kind == RunKind.COMPRESSED else 0
-        out.append(Run(kind, guest_start + (s << g.unit_bits), (e - s) << g.unit_bits, host, entry))
+        out.append(Run(kind, guest, length, host, entry))
     return out
 
 
-def append_run(runs: list[Run], run: Run) -> None:
+def append_run(runs: list[Run], run: Run, *, hosts_matter: bool = True) -> None:
     """Append, merging with the previous run when nothing distinguishes them."""
-    if runs and _mergeable(runs[-1], run):
+    if runs and _mergeable(runs[-1], run, hosts_matter):
         last = runs[-1]
         runs[-1] = Run(last.kind, last.guest_offset, last.length + run.length, last.host_offset)
         return
     runs.append(run)
 
 
-def _mergeable(last: Run, run: Run) -> bool:
+def _mergeable(last: Run, run: Run, hosts_matter: bool = True) -> bool:
     if last.end != run.guest_offset or last.kind != run.kind:
         return False
-    if run.kind in (RunKind.UNALLOCATED, RunKind.ZERO_PLAIN):
+    if run.kind in (RunKind.UNALLOCATED, RunKind.ZERO_PLAIN) or not hosts_matter:
         return True
     return run.kind in (RunKind.NORMAL, RunKind.ZERO_ALLOC) and (
         last.host_offset + last.length == run.host_offset
@@ -436,8 +449,9 @@ class ClusterMap:
             return None
         return await self.l2_cache.get(offset)
 
-    async def map_runs(self, offset: int, length: int) -> list[Run]:
-        """Runs covering exactly [offset, offset+length) (clipped to the image size)."""
+    async def map_runs(self, offset: int, length: int, *, hosts_matter: bool = True) -> list[Run]:
+        """Runs covering exactly [offset, offset+length) (clipped to the image size);
+        ``hosts_matter`` as in :func:`units_to_runs`."""
         g = self.g
         end = min(offset + length, self.size)
         runs: list[Run] = []
@@ -450,12 +464,12 @@ class ClusterMap:
             span_end = min(end, (l1i + 1) << g.l2_span_bits)
             l2_off = self.l2_offset(l1i)
             table = await self.l2_cache.get(l2_off)
-            for run in self._runs_in_table(l1i, l2_off, table, pos, span_end):
-                append_run(runs, run)
+            for run in self._runs_in_table(l1i, l2_off, table, pos, span_end, hosts_matter):
+                append_run(runs, run, hosts_matter=hosts_matter)
             pos = span_end
         return runs
 
-    def peek_runs(self, offset: int, length: int) -> list[Run] | None:
+    def peek_runs(self, offset: int, length: int, *, hosts_matter: bool = True) -> list[Run] | None:
         """map_runs from cached tables only: None when a table would have to be loaded.
 
         Synchronous, so it is atomic with respect to other tasks and needs no lock.
@@ -474,8 +488,8 @@ class ClusterMap:
             table = self.l2_cache.peek(l2_off)
             if table is None:
                 return None
-            for run in self._runs_in_table(l1i, l2_off, table, pos, span_end):
-                append_run(runs, run)
+            for run in self._runs_in_table(l1i, l2_off, table, pos, span_end, hosts_matter):
+                append_run(runs, run, hosts_matter=hosts_matter)
             pos = span_end
         return runs
 
@@ -513,7 +527,13 @@ class ClusterMap:
         return l1i + int(nz[0]) if len(nz) else last
 
     def _runs_in_table(
-        self, l1i: int, l2_off: int, table: np.ndarray, start: int, end: int
+        self,
+        l1i: int,
+        l2_off: int,
+        table: np.ndarray,
+        start: int,
+        end: int,
+        hosts_matter: bool = True,
     ) -> list[Run]:
         """Runs of [start, end), which lies inside the span of L2 table ``l1i``."""
         g = self.g
@@ -533,7 +553,7 @@ class ClusterMap:
         kinds, hosts, entries = classify(g, table, lo, hi - lo)
         guest_lo = base + (lo << g.unit_bits)
         check_units(g, kinds, hosts, l2_off, self.host_limit, guest_lo)
-        runs = units_to_runs(g, kinds, hosts, entries, guest_lo, lo)
+        runs = units_to_runs(g, kinds, hosts, entries, guest_lo, lo, hosts_matter=hosts_matter)
         unit = 1 << g.unit_bits
         if lo > first_unit:
             first = base + (first_unit << g.unit_bits)
@@ -592,44 +612,74 @@ class ClusterMap:
     def _peek_contiguous(self, offset: int, length: int) -> int:
         """peek_host for a range over several clusters of one cached L2 table that are
         plain data, fully allocated and host-contiguous; -1 otherwise."""
+        hosts = self._peek_data_hosts(offset, length)
+        if hosts is None:
+            return -1
+        step = np.uint64(1 << self._cluster_bits)
+        if len(hosts) > 1 and (hosts[1:] != hosts[:-1] + step).any():
+            return -1
+        return int(hosts[0]) + (offset & self._cluster_mask)
+
+    def peek_host_pieces(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+        """Where [offset, +length) lies in the data file, as (host offset, length)
+        pieces in guest order, when the range is plain data, fully allocated, inside
+        one cached L2 table; None otherwise.  Host-contiguous clusters make one
+        piece, so a fragmented image costs a read per fragment, not per cluster."""
+        hosts = self._peek_data_hosts(offset, length)
+        if hosts is None:
+            return None
+        cb = self._cluster_bits
+        breaks = np.flatnonzero(hosts[1:] != hosts[:-1] + np.uint64(1 << cb)) + 1
+        head = offset & self._cluster_mask
+        pos = offset - head  # guest offset of the first cluster
+        end = offset + length
+        pieces = []
+        for i, j in zip([0, *breaks.tolist()], [*breaks.tolist(), len(hosts)], strict=True):
+            lo, hi = max(pos + (i << cb), offset), min(pos + (j << cb), end)
+            pieces.append((int(hosts[i]) + lo - pos - (i << cb), hi - lo))
+        return pieces
+
+    def _peek_data_hosts(self, offset: int, length: int) -> np.ndarray | None:
+        """Host offsets of the clusters under [offset, +length) when all of them are
+        plain data, fully allocated, in one cached L2 table; None otherwise."""
         g = self.g
         cb = g.cluster_bits
         span = g.l2_span_bits
         last = offset + length - 1
         l1i = offset >> span
         if last >> span != l1i or l1i >= len(self.l1):
-            return -1
+            return None
         l2_off = int(self.l1[l1i]) & L1E_OFFSET_MASK
         if not l2_off or l2_off & ((1 << cb) - 1):
-            return -1
+            return None
         table = self.l2_cache.peek(l2_off)
         if table is None:
-            return -1
+            return None
         mask = g.l2_entries - 1
         first, n = (offset >> cb) & mask, (last >> cb) - (offset >> cb) + 1
         if g.extended_l2:
             pairs = table[2 * first : 2 * (first + n)]
             entries = pairs[0::2]
             if (pairs[1::2] != np.uint64(0xFFFFFFFF)).any():
-                return -1
+                return None
         else:
             entries = table[first : first + n]
             if (entries & NP_ZERO).any():
-                return -1
+                return None
         if (entries & NP_COMPRESSED).any():
-            return -1
-        host0 = int(entries[0]) & L2E_OFFSET_MASK
-        if host0 & ((1 << cb) - 1) or not (host0 or g.external_data):
-            return -1
-        if not host0 and not int(entries[0]) & QCOW_OFLAG_COPIED:
-            return -1
-        expected = np.uint64(host0) + (np.arange(n, dtype=np.uint64) << np.uint64(cb))
-        if ((entries & NP_L2E_OFFSET_MASK) != expected).any():
-            return -1
+            return None
+        hosts: np.ndarray = (entries & NP_L2E_OFFSET_MASK).astype(np.uint64)
+        if (hosts & np.uint64((1 << cb) - 1)).any():
+            return None
+        # host 0 is data only in an external data file, with the COPIED flag
+        if not hosts.all() and not (
+            g.external_data and ((hosts != 0) | ((entries & NP_COPIED) != 0)).all()
+        ):
+            return None
         limit = self.host_limit
-        if limit is not None and host0 + ((n - 1) << cb) >= limit:
-            return -1
-        return host0 + (offset & ((1 << cb) - 1))
+        if limit is not None and int(hosts.max()) >= limit:
+            return None
+        return hosts
 
     def peek_reads_zero(self, offset: int, length: int, *, no_backing: bool) -> bool:
         """True when [offset, +length) inside one cluster is known to read as zeros from

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
@@ -74,6 +76,22 @@ def test_runs_cover_units_and_agree_with_reference(entries: list[int], data: st.
                 assert run.l2_entry == e
         pos = run.end
     assert pos == (first + count) << 16
+
+
+@given(st.lists(_entry_strategy(), min_size=1, max_size=40))
+def test_status_runs_split_only_where_the_kind_changes(entries: list[int]) -> None:
+    """For block status (hosts_matter=False) a run ends exactly where the kind of the
+    next unit differs: scattered data is one run, not one per cluster."""
+    table = np.array(entries, dtype=">u8")
+    kinds, hosts, raw = classify(G, table, 0, len(entries))
+    runs = units_to_runs(G, kinds, hosts, raw, 0, 0, hosts_matter=False)
+    expected = [_reference_kind(entries[0])]
+    for e in entries[1:]:
+        if _reference_kind(e) != expected[-1]:
+            expected.append(_reference_kind(e))
+    assert [r.kind for r in runs] == expected
+    assert sum(r.length for r in runs) == len(entries) << 16
+    assert all(a.end == b.guest_offset for a, b in itertools.pairwise(runs))
 
 
 def test_contiguous_hosts_merge_into_one_run() -> None:

@@ -417,11 +417,7 @@ class Server:
         return argv
 
     def env(self) -> dict[str, str]:
-        env = dict(os.environ)
-        if self.spec.subject:
-            src = str(self.args.nbdserve_src)
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-        return env
+        return nbdserve_env(self.args, subject=self.spec.subject)
 
     def start(self) -> None:
         port = self.args.port
@@ -564,11 +560,15 @@ def nbdserve_cmd(*argv: str) -> list[str]:
     return [sys.executable, "-m", "nbdserve", *argv]
 
 
-def nbdserve_env(args: argparse.Namespace) -> dict[str, str]:
+def nbdserve_env(args: argparse.Namespace, *, subject: bool = True) -> dict[str, str]:
+    """The environment of a server (or tool) process; ``subject``: run --nbdserve-src."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(args.nbdserve_src), env.get("PYTHONPATH")) if p
-    )
+    if subject:
+        src = str(args.nbdserve_src)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
+    # `python -m` would put the current directory first on sys.path: run from a
+    # checkout, a server would be that checkout's whatever PYTHONPATH says
+    env["PYTHONSAFEPATH"] = "1"
     return env
 
 
@@ -612,11 +612,43 @@ def make_fvd(args: argparse.Namespace, raw: Path, out: Path, size: int) -> None:
     os.replace(tmp, out)
 
 
+# nbdsh script: copy the raw image into the export one 64 KiB cluster at a time in a
+# shuffled (seeded) order, so a qcow2 allocates its clusters scattered over the file
+# as a guest's random writes leave them
+_SCATTER_SCRIPT = """
+import random
+order = list(range(h.get_size() // 65536))
+random.Random(7).shuffle(order)
+with open(RAW, "rb") as f:
+    for i in order:
+        f.seek(i * 65536)
+        h.pwrite(f.read(65536), i * 65536)
+h.flush()
+"""
+
+
+def make_scattered_qcow2(args: argparse.Namespace, raw: Path, out: Path, size: int) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    opts = ["-o", "cluster_size=65536"]
+    run_checked(["qemu-img", "create", "-q", "-f", "qcow2", *opts, str(tmp), str(size)])
+    script = f"RAW = {str(raw)!r}\n" + _SCATTER_SCRIPT
+    # nbdsh is the system Python's `-m nbd` (python3-libnbd is built for that Python)
+    nbdsh = ["/usr/bin/python3", "-m", "nbd"] if os.path.exists("/usr/bin/python3") else ["nbdsh"]
+    with_nbdserve(args, "qcow2", tmp, [*nbdsh, "-u", "{uri}", "-c", script])
+    os.replace(tmp, out)
+
+
+def qcow2_layout(entry: dict[str, Any], fmt: str) -> str | None:
+    return entry.get("layout", "sequential") if fmt == "qcow2" else None
+
+
 def make_base(args: argparse.Namespace, fmt: str, size: int) -> None:
     d: Path = args.dir
     raw, out = base_image(d, "raw"), base_image(d, fmt)
     tmp = out.with_name(out.name + ".tmp")
-    if fmt == "qcow2":
+    if fmt == "qcow2" and args.qcow2_layout == "scattered":
+        make_scattered_qcow2(args, raw, out, size)
+    elif fmt == "qcow2":
         opts = ["-o", "cluster_size=65536"]
         run_checked(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", *opts, str(raw), str(tmp)])
         os.replace(tmp, out)
@@ -654,13 +686,15 @@ def prepare_images(args: argparse.Namespace, formats: Sequence[str], force: bool
         man = {"size": size, "formats": {}}
     for fmt in ["raw", *[f for f in formats if f != "raw"]]:
         entry = man["formats"].get(fmt, {})
-        if entry.get("ok") and base_image(d, fmt).exists() and not force:
+        layout = args.qcow2_layout if fmt == "qcow2" else None
+        same_layout = qcow2_layout(entry, fmt) == layout
+        if entry.get("ok") and base_image(d, fmt).exists() and same_layout and not force:
             continue
         try:
             make_base(args, fmt, size)
             verify_base(args, fmt)
             copy_image(base_image(d, fmt), bench_image(d, fmt))
-            man["formats"][fmt] = {"ok": True}
+            man["formats"][fmt] = {"ok": True, **({"layout": layout} if layout else {})}
             log(f"{fmt}: ready ({base_image(d, fmt).stat().st_size} bytes)")
         except (RuntimeError, OSError, ServerError, subprocess.TimeoutExpired) as e:
             man["formats"][fmt] = {"ok": False, "error": str(e)}
@@ -684,7 +718,13 @@ def usable_formats(args: argparse.Namespace) -> list[str]:
             for f in wanted
             if not entries.get(f, {}).get("ok") or not base_image(args.dir, f).exists()
         ]
+        relayout = [
+            f
+            for f in wanted
+            if f == "qcow2" and f in entries and qcow2_layout(entries[f], f) != args.qcow2_layout
+        ]
         redo = [f for f in missing if f not in entries or args.retry_failed]
+        redo += [f for f in relayout if f not in redo]
         if redo:
             prepare_images(args, redo, force=False)
     man = load_manifest(args.dir)
@@ -1554,6 +1594,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--retry-failed", action="store_true", help="re-prepare formats that failed before"
+    )
+    p.add_argument(
+        "--qcow2-layout",
+        choices=["sequential", "scattered"],
+        default="sequential",
+        help="qcow2 clusters in guest order (converted) or scattered over the file, as "
+        "random guest writes leave them (written in shuffled order); the image is "
+        "remade when the layout changes",
     )
 
 

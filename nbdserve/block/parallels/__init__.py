@@ -266,18 +266,25 @@ class ParallelsDriver(FormatDriver):
         return read
 
     def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
-        """The range as one host stretch when its clusters are allocated and follow each
-        other on the host, every byte of it is in the page cache, and no BAT entry of it
-        points outside the file; None otherwise (the copying path then serves it)."""
+        """The range's host stretches (one per run of clusters that follow each other
+        on the host) when every cluster is allocated, every byte is in the page
+        cache, and no BAT entry of it points outside the file; None otherwise (the
+        copying path then serves it)."""
         if self._closed:
             return None
         cs = self.cluster_size
-        index = offset // cs
-        wanted = (offset + length - 1) // cs - index + 1
-        host, clusters = self._bat.run_at(index, wanted)
-        if not host or clusters < wanted or self._run_is_bad(index, clusters):
-            return None
-        return self._file.sendfile_region(host + offset - index * cs, length)
+        end = offset + length
+        pieces = []
+        pos = offset
+        while pos < end:
+            index = pos // cs
+            host, clusters = self._bat.run_at(index, (end - 1) // cs - index + 1)
+            if not host or self._run_is_bad(index, clusters):
+                return None
+            n = min(end, (index + clusters) * cs) - pos
+            pieces.append((host + pos - index * cs, n))
+            pos += n
+        return self._file.sendfile_pieces(pieces)
 
     def try_readinto(self, offset: int, buf: memoryview) -> bool:
         """Serve from the page cache when every run is allocated or reads zeros."""

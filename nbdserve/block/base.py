@@ -287,6 +287,14 @@ class FormatDriver(BlockDriver):
         if inside == 0:
             await trio.lowlevel.checkpoint()
 
+    def _backing_zero_copy(self, offset: int, length: int) -> ZeroCopy | None:
+        """The backing layer's zero_copy_region, for a range this layer leaves to it
+        (None without one, or past a shorter backing's end: those bytes are zeros)."""
+        backing = self.backing
+        if backing is None or offset + length > backing.size:
+            return None
+        return backing.zero_copy_region(offset, length)
+
     def _try_read_backing(self, offset: int, view: memoryview) -> bool:
         """``_read_backing`` if the backing layer can answer without blocking."""
         backing = self.backing

@@ -183,6 +183,51 @@ async def test_fast_path_spans_contiguous_clusters_and_zero_copy(tmp_path: Path)
         await chain.aclose()
 
 
+async def test_reads_an_overlay_leaves_to_its_base_go_out_from_the_base(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An overlay over a template: large reads of ranges the overlay never wrote are
+    sent straight from the base file; ranges it wrote, and the part of the disk
+    beyond a shorter base (zeros), are not."""
+    require_tools("qemu-img", "qemu-io", "nbdcopy")
+    base = tmp_path / "base.raw"
+    base.write_bytes(bytes(range(256)) * (6 * MiB // 256))
+    top = tmp_path / "top.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "raw", top, "8M")
+    qemu_io(top, "write -P 3 1m 64k", "write -z 4m 64k")
+    chain = await open_chain(str(top), ChainOptions(read_only=True))
+    try:
+        drv = chain.top
+        await drv.readinto(0, memoryview(bytearray(4096)))  # load the L2 table
+        region = drv.zero_copy_region(2 * MiB, MiB)
+        if region is not None:  # only when the base's pages are resident (cachestat)
+            fd, pieces = region
+            assert os.path.samefile(f"/proc/self/fd/{fd}", base)
+            want = base.read_bytes()[2 * MiB : 3 * MiB]
+            assert b"".join(os.pread(fd, n, host) for host, n in pieces) == want
+        assert drv.zero_copy_region(MiB - 64 * 1024, 128 * 1024) is None, "overlay data"
+        assert drv.zero_copy_region(4 * MiB, 128 * 1024) is None, "a zero cluster"
+        assert drv.zero_copy_region(6 * MiB - 64 * 1024, 128 * 1024) is None, "past the base"
+    finally:
+        await chain.aclose()
+    from_base: list[str] = []
+    original = FileBackend.sendfile_pieces
+
+    def noting(file: FileBackend, pieces: Sequence[tuple[int, int]]) -> object:
+        region = original(file, pieces)
+        if region is not None:
+            from_base.append(file.path)
+        return region
+
+    monkeypatch.setattr(FileBackend, "sendfile_pieces", noting)
+    exp = export(top, "o", format="qcow2", read_only=True, backing_dirs=[str(tmp_path)])
+    async with running_server(exp) as handle:
+        out = tmp_path / "copy.raw"
+        await run("nbdcopy", f"--request-size={MiB}", uri(handle, "o"), out)
+        await run("qemu-img", "compare", "-f", "raw", "-F", "qcow2", out, top)
+    assert str(base) in from_base, from_base
+
+
 async def test_scattered_clusters_reach_clients_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

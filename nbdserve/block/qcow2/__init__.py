@@ -522,6 +522,8 @@ class Qcow2Driver(FormatDriver):
         host = self.cmap.peek_host(offset, length)
         if host >= 0:
             return self.data_file.sendfile_region(host, length)
+        if self.backing is not None and self.cmap.peek_all_unallocated(offset, length):
+            return self._backing_zero_copy(offset, length)  # e.g. an overlay's base
         if length <= self.header.cluster_size:
             return None
         # clusters scattered over the file (written in random order): one sendfile

@@ -719,6 +719,27 @@ class ClusterMap:
             return False
         return no_backing
 
+    def peek_all_unallocated(self, offset: int, length: int) -> bool:
+        """True when cached metadata shows every cluster of [offset, +length), inside
+        one L2 span, unallocated in this layer: no L2 table, or all-zero entries
+        (no data, no zero flag, no compression in any variant of the format)."""
+        span = self._span_bits
+        l1i = offset >> span
+        if (offset + length - 1) >> span != l1i:
+            return False
+        if not self._l1_mapped(l1i):
+            return True
+        l2_off = self.l1.item(l1i) & L1E_OFFSET_MASK
+        if l2_off & self._cluster_mask:
+            return False  # corrupt: the slow path reports it
+        table = self.l2_cache.peek(l2_off)
+        if table is None:
+            return False
+        g = self.g
+        first = (offset >> g.unit_bits) & ((1 << (span - g.unit_bits)) - 1)
+        last = ((offset + length - 1) >> g.unit_bits) & ((1 << (span - g.unit_bits)) - 1)
+        return occupied_units(g, table, first, last + 1) is None
+
     def peek_unallocated(self, offset: int, length: int) -> bool:
         """True when cached metadata shows [offset, +length) wholly unallocated in this
         layer (so it reads from the backing file): either no L2 table covers it, or it

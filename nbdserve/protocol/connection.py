@@ -237,6 +237,30 @@ class ServerConnection:
         if type(payload) is bytearray and sys.getrefcount(payload) <= 3:
             self._pool.give(payload)
 
+    def reply_buffer(self, length: int) -> bytearray:
+        """A buffer for ``length`` bytes of reply (contents undefined) that the
+        application fills, sends, then hands to ``recycle_replies``.
+
+        Large ones come from the pool: a fresh 1 MiB bytearray costs a zero
+        fill (~23 us here) on every read that cannot go out with sendfile.
+        """
+        if length >= LARGE_PAYLOAD:
+            pooled = self._pool.take(length)
+            if pooled is not None:
+                return pooled
+        return bytearray(length)
+
+    def recycle_replies(self, chunks: list[bytes | bytearray | memoryview]) -> None:
+        """``chunks`` have been sent: their large buffers may serve again.
+
+        As in ``recycle``, only buffers nothing else refers to: the
+        references left are the list's, the loop's and getrefcount's own.
+        """
+        give = self._pool.give
+        for chunk in chunks:
+            if type(chunk) is bytearray and sys.getrefcount(chunk) <= 3:
+                give(chunk)
+
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
         if not data:
             self._eof = True

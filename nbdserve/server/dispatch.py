@@ -153,8 +153,8 @@ async def _read(conn: ServerConnection, device: BlockDevice, req: Request) -> Ch
 async def read_reply(conn: ServerConnection, device: BlockDevice, req: Request) -> bytearray:
     """One buffer holding the reply header followed by the data."""
     hsize = conn.reply_read_header_size()
-    buf = bytearray(hsize + req.length)
-    buf[:hsize] = conn.reply_read_header(req.handle, req.offset, req.length)
+    buf = conn.reply_buffer(hsize + req.length)
+    conn.reply_read_header_into(buf, req.handle, req.offset, req.length)
     await device.readinto(req.offset, memoryview(buf)[hsize:])
     return buf
 
@@ -170,7 +170,7 @@ async def _read_sparse(conn: ServerConnection, device: BlockDevice, req: Request
         if e.zero:
             out.extend(conn.send(HoleChunk(handle, e.offset, e.length, request_offset=req.offset)))
         else:
-            data = bytearray(e.length)
+            data = conn.reply_buffer(e.length)
             await device.readinto(e.offset, memoryview(data))
             out.extend(
                 conn.send(ReadChunk(handle, e.offset, data, done=False, request_offset=req.offset))

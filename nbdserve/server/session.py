@@ -34,7 +34,7 @@ import trio
 from nbdserve.errors import NbdErrno, RemoteProtocolError
 from nbdserve.logformat import quote
 from nbdserve.protocol import events as ev
-from nbdserve.protocol.connection import PayloadPool, ServerConnection
+from nbdserve.protocol.connection import LARGE_PAYLOAD, PayloadPool, ServerConnection
 from nbdserve.protocol.constants import Cmd, CmdFlag, Rep
 from nbdserve.protocol.wire import EXTENDED_REQUEST_SIZE, REQUEST_SIZE
 from nbdserve.server import tls
@@ -140,6 +140,7 @@ class Session:
         self._bytes_freed = trio.Event()
         self._reader_scope = trio.CancelScope()
         self._broken = False
+        self._replies_lent = False  # inline replies in pooled buffers await recycling
         self._last_yield = 0.0
         self._scratch: memoryview | None = None
         self._header_next = False
@@ -607,6 +608,10 @@ class Session:
                 rest = self._send_at_once(out)
                 if rest is not None:
                     await self._write_locked(_unsent, rest, self._write_rest)
+                    rest = None  # its views of the replies would keep them from the pool
+                if self._replies_lent:
+                    self._replies_lent = False
+                    conn.recycle_replies(out)
             for file_reply in files:
                 await self._send_file(file_reply)
             answered = len(out) + len(files)
@@ -640,6 +645,7 @@ class Session:
         writer = device.inline_writer(conn.max_payload)
         reply_ok = conn.reply_ok
         recycle = conn.recycle
+        reply_buffer = conn.reply_buffer
         zero_copy = device.zero_copy_region
         stats = self.stats
         per_command = stats.requests  # valid requests have known commands
@@ -674,7 +680,11 @@ class Session:
                             continue
                     if cmd == read_cmd and reader is not None and req.length < inline_max:
                         n = req.length
-                        buf = bytearray(hsize + n)
+                        if n < LARGE_PAYLOAD:
+                            buf = bytearray(hsize + n)
+                        else:  # copied reads of 64 KiB and more: pooled buffers
+                            buf = reply_buffer(hsize + n)
+                            self._replies_lent = True
                         if reader(req.offset, memoryview(buf)[hsize:]):
                             pack_header(buf, req.handle, req.offset, n)
                             out.append(buf)
@@ -794,6 +804,8 @@ class Session:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 # the client went away; the request itself is complete
                 self._reader_scope.cancel()
+            else:
+                self.conn.recycle_replies(chunks)
         finally:
             stats.inflight -= 1
             stats.observe(perf_counter() - started)

@@ -496,6 +496,32 @@ async def test_inline_writes_reuse_their_payload_buffers(
     assert pool_takes == [False] + [True] * 5, pool_takes
 
 
+async def test_copied_reads_reuse_pooled_reply_buffers(
+    image: tuple[Path, bytearray], pool_takes: list[bool]
+) -> None:
+    """Reads that cannot go out with sendfile are copied into a buffer: large ones
+    take it from the pool and give it back once sent, whether answered inline
+    (128 KiB) or by a task (1 MiB).  A reused buffer must be overwritten whole:
+    every read sees its own data, never the previous reply's."""
+    path, model = image
+    async with serving(export(path, "disk")) as srv, await connect(srv) as c:
+        assert srv.registry is not None
+        device = srv.registry.lookup("disk").device  # type: ignore[union-attr]
+        device.zero_copy_region = lambda offset, length: None  # type: ignore[method-assign]
+        await c.go("disk")
+        for i in range(4):
+            data = bytes([i + 1]) * MiB
+            await c.write(2 * MiB + i * MiB // 2, data[: MiB // 2])
+            model[2 * MiB + i * MiB // 2 : 2 * MiB + (i + 1) * MiB // 2] = data[: MiB // 2]
+        for length in (128 * 1024, MiB):
+            pool_takes.clear()
+            for i in range(4):
+                offset = 2 * MiB + i * MiB // 4
+                got = await c.read(offset, length)
+                assert got == model[offset : offset + length], (length, i)
+            assert pool_takes == [False, True, True, True], (length, pool_takes)
+
+
 async def test_small_writes_are_answered_inline_and_fua_writes_are_not(
     image: tuple[Path, bytearray],
 ) -> None:

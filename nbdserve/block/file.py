@@ -218,6 +218,20 @@ class FileBackend:
             return
         await trio.to_thread.run_sync(self._pread_all, offset, buf)
 
+    async def pread_pieces_into(self, pieces: Sequence[tuple[int, int]], buf: memoryview) -> None:
+        """Fill ``buf`` from the (offset, length) pieces in turn: ``pread_into`` for a
+        range scattered over the file, with one hand-off to a thread for all of
+        them when the page cache cannot serve them at once."""
+        for offset, length in pieces:
+            self._check_host_range(offset, length, "read")
+        await trio.to_thread.run_sync(self._pread_pieces, pieces, buf)
+
+    def _pread_pieces(self, pieces: Sequence[tuple[int, int]], buf: memoryview) -> None:
+        pos = 0
+        for offset, length in pieces:
+            self._pread_all(offset, buf[pos : pos + length])
+            pos += length
+
     def _pread_all(self, offset: int, buf: memoryview) -> None:
         if self.direct:
             self._pread_direct(offset, buf)

@@ -9,11 +9,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
 from nbdserve.block.chain import ChainOptions, open_chain
 from nbdserve.block.file import FileBackend
+from nbdserve.block.qcow2 import Qcow2Driver
 from nbdserve.img import image_info, image_map
 from tests.conftest import require_tools
 from tests.helpers.images import (
@@ -179,6 +182,37 @@ async def test_fast_path_spans_contiguous_clusters_and_zero_copy(tmp_path: Path)
             fd, pieces = region
             assert [n for _, n in pieces] == [64 * 1024, 64 * 1024], pieces
             assert b"".join(os.pread(fd, n, host) for host, n in pieces) == want
+    finally:
+        await chain.aclose()
+
+
+async def test_a_scattered_read_from_the_disk_takes_one_thread_hand_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the page cache cannot serve a read of scattered clusters, all of its
+    pieces are read in one worker thread, not one hand-off per cluster."""
+    require_tools("qemu-img", "qemu-io")
+    path = tmp_path / "scattered.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", path, "4M")
+    qemu_io(path, *[f"write -P {k + 1} {k * 64}k 64k" for k in reversed(range(16))])
+    chain = await open_chain(str(path), ChainOptions(read_only=True))
+    hand_offs = []
+    original = trio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kwargs: Any) -> Any:
+        hand_offs.append(fn)
+        return await original(fn, *args, **kwargs)
+
+    try:
+        top = chain.top
+        assert isinstance(top, Qcow2Driver)
+        await top.readinto(0, memoryview(bytearray(4096)))  # load the L2 table
+        top.data_file._nowait = False  # as if nothing were in the page cache
+        monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+        buf = bytearray(MiB)
+        await top.readinto(0, memoryview(buf))
+        assert buf == b"".join(bytes([k + 1]) * 65536 for k in range(16))
+        assert len(hand_offs) == 1, hand_offs
     finally:
         await chain.aclose()
 

@@ -536,8 +536,11 @@ class Qcow2Driver(FormatDriver):
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()
         pieces = self.cmap.peek_host_pieces(offset, len(buf))
-        if pieces is not None and self._try_read_pieces(pieces, buf):
-            await trio.lowlevel.checkpoint()
+        if pieces is not None:
+            if self._try_read_pieces(pieces, buf):
+                await trio.lowlevel.checkpoint()
+            else:  # from the disk: one thread hand-off, not one per cluster
+                await self.data_file.pread_pieces_into(pieces, buf)
             return
         with self._failing_on_corruption():
             runs = await self._map(offset, len(buf))

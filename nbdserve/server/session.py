@@ -100,6 +100,10 @@ def _cost(req: ev.Request) -> int:
     return 0
 
 
+def _no_zero_copy(offset: int, length: int) -> None:
+    return None
+
+
 def _unsent(rest: list[memoryview]) -> list[memoryview]:
     """The ``write_now`` of a reply whose first part was already tried."""
     return rest
@@ -646,7 +650,10 @@ class Session:
         reply_ok = conn.reply_ok
         recycle = conn.recycle
         reply_buffer = conn.reply_buffer
-        zero_copy = device.zero_copy_region
+        # sendfile needs the plain socket: over TLS the data is read into a buffer
+        # anyway, and inline that costs less than StreamTransport's read in a thread
+        plain = isinstance(self.transport, SocketTransport)
+        zero_copy = device.zero_copy_region if plain else _no_zero_copy
         stats = self.stats
         per_command = stats.requests  # valid requests have known commands
 

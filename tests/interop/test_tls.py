@@ -8,12 +8,14 @@ import random
 import ssl
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import trio
 
+from nbdserve.block.file import FileBackend
 from nbdserve.protocol.constants import Opt, Rep
 from tests.conftest import require_tools
 from tests.helpers import certs
@@ -95,6 +97,32 @@ async def test_required_tls_with_nbdinfo_and_qemu_img(
         assert "export-size" not in plain
         # and the server is still fine afterwards
         await run("nbdinfo", "--size", nbds(srv.port, "disk", pki.client))
+
+
+async def test_large_reads_over_tls_are_read_inline_not_sent_from_the_file(
+    pki: Pki, disk: tuple[Path, bytes], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """sendfile cannot write into a TLS stream: large reads over TLS are read into a
+    buffer and encrypted, never handed to the zero-copy path (which over TLS would
+    read each piece in a worker thread)."""
+    require_tools("nbdcopy")
+    path, data = disk
+    zero_copy: list[tuple[int, int]] = []
+    original = FileBackend.sendfile_pieces
+
+    def noting(file: FileBackend, pieces: Sequence[tuple[int, int]]) -> object:
+        zero_copy.extend(pieces)
+        return original(file, pieces)
+
+    monkeypatch.setattr(FileBackend, "sendfile_pieces", noting)
+    async with running_server(
+        export(path, "disk"), tls="require", tls_certificates=str(pki.server)
+    ) as srv:
+        out = tmp_path / "copy.raw"
+        uri = nbds(srv.port, "disk", pki.client)
+        await run("nbdcopy", "--request-size=262144", uri, out)
+        assert out.read_bytes() == data
+    assert zero_copy == []
 
 
 async def test_plain_client_gets_tls_required(pki: Pki, disk: tuple[Path, bytes]) -> None:

@@ -110,3 +110,32 @@ def test_neighbour_mode_reads_the_cold_region_from_disk(tmp_path: Path) -> None:
         assert r["cold_disk_mib"] > 0
     assert "| nbdserve |" in p.stdout
     assert "hot kept" in p.stdout
+
+
+def test_scattered_qcow2_layout_scatters_the_clusters(tmp_path: Path) -> None:
+    """`--qcow2-layout scattered` prepares a qcow2 holding the raw image's bytes with
+    its clusters out of guest order, records the layout, and remakes the image when
+    the layout asked for changes."""
+    require_tools("qemu-img", "nbdinfo", "nbdsh")
+    scratch = tmp_path / "scratch"
+    common = ("--dir", str(scratch), "--size", "8M", "--format", "qcow2")
+    nbdbench("prepare", *common, "--qcow2-layout", "scattered")
+    manifest = json.loads((scratch / "images.json").read_text())
+    assert manifest["formats"]["qcow2"] == {"ok": True, "layout": "scattered"}
+    extents = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(scratch / "base.qcow2")],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    hosts = [e["offset"] for e in extents if e.get("data")]
+    assert len(hosts) > 1
+    assert hosts != sorted(hosts), "clusters are in guest order"
+    images = (str(scratch / "base.raw"), str(scratch / "base.qcow2"))
+    compare = ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", *images]
+    subprocess.run(compare, check=True, capture_output=True)
+    nbdbench("prepare", *common)  # back to the default layout: remade
+    manifest = json.loads((scratch / "images.json").read_text())
+    assert manifest["formats"]["qcow2"] == {"ok": True, "layout": "sequential"}

@@ -492,7 +492,7 @@ class Qcow2Driver(FormatDriver):
         host = self.cmap.peek_host(offset, len(buf))
         if host >= 0:
             return self.data_file.try_pread_into(host, buf)
-        if len(buf) > self.header.cluster_size:  # several clusters, not contiguous
+        if self._spans_clusters(offset, len(buf)):
             pieces = self.cmap.peek_host_pieces(offset, len(buf))
             if pieces is not None:
                 return self._try_read_pieces(pieces, buf)
@@ -522,16 +522,19 @@ class Qcow2Driver(FormatDriver):
         host = self.cmap.peek_host(offset, length)
         if host >= 0:
             return self.data_file.sendfile_region(host, length)
+        if self._spans_clusters(offset, length):
+            # contiguous, or scattered over the file (written in random order): one
+            # sendfile per stretch still beats copying them through a buffer
+            pieces = self.cmap.peek_host_pieces(offset, length)
+            if pieces is not None:
+                return self.data_file.sendfile_pieces(pieces)
         if self.backing is not None and self.cmap.peek_all_unallocated(offset, length):
             return self._backing_zero_copy(offset, length)  # e.g. an overlay's base
-        if length <= self.header.cluster_size:
-            return None
-        # clusters scattered over the file (written in random order): one sendfile
-        # per stretch still beats copying them through a buffer
-        pieces = self.cmap.peek_host_pieces(offset, length)
-        if pieces is None:
-            return None
-        return self.data_file.sendfile_pieces(pieces)
+        return None
+
+    def _spans_clusters(self, offset: int, length: int) -> bool:
+        cs = self.header.cluster_size
+        return (offset & (cs - 1)) + length > cs
 
     async def readinto(self, offset: int, buf: memoryview) -> None:
         self._check_open()

@@ -566,11 +566,12 @@ class ClusterMap:
 
     def peek_host(self, offset: int, length: int) -> int:
         """Host offset of [offset, +length) if it is plain allocated data in one cluster
-        whose L2 table is cached; -1 otherwise.  Never blocks, never raises."""
+        whose L2 table is cached; -1 otherwise (also for a range over several
+        clusters: see peek_host_pieces).  Never blocks, never raises."""
         cmask = self._cluster_mask
         in_cluster = offset & cmask
         if in_cluster + length > cmask + 1:
-            return self._peek_contiguous(offset, length)
+            return -1
         l1i = offset >> self._span_bits
         l1 = self.l1
         if l1i >= len(l1):
@@ -608,17 +609,6 @@ class ClusterMap:
         if limit is not None and host >= limit:
             return -1
         return host + in_cluster
-
-    def _peek_contiguous(self, offset: int, length: int) -> int:
-        """peek_host for a range over several clusters of one cached L2 table that are
-        plain data, fully allocated and host-contiguous; -1 otherwise."""
-        hosts = self._peek_data_hosts(offset, length)
-        if hosts is None:
-            return -1
-        step = np.uint64(1 << self._cluster_bits)
-        if len(hosts) > 1 and (hosts[1:] != hosts[:-1] + step).any():
-            return -1
-        return int(hosts[0]) + (offset & self._cluster_mask)
 
     def peek_host_pieces(self, offset: int, length: int) -> list[tuple[int, int]] | None:
         """Where [offset, +length) lies in the data file, as (host offset, length)

@@ -25,7 +25,7 @@ from nbdserve.logformat import quote
 from nbdserve.protocol.connection import PayloadPool
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.metrics import parse_address, serve_metrics
-from nbdserve.server.session import Session
+from nbdserve.server.session import Session, WaitingClients
 from nbdserve.server.tls import TlsMode, TlsSettings, server_context
 from nbdserve.server.transport import SocketTransport
 
@@ -116,6 +116,7 @@ class _Server:
         # one for all connections: what an idle connection keeps is then bounded
         # by the server, not multiplied by the number of clients
         self.payload_pool = PayloadPool(max_bytes=PAYLOAD_POOL_BYTES)
+        self.waiting = WaitingClients()
         # connections accepted and not yet ended, counted at accept: a session
         # joins ``sessions`` only once its task runs, after more accepts maybe
         self.connections = 0
@@ -208,6 +209,7 @@ class _Server:
             tls=self.tls_context,
             strict=self.strict,
             payload_pool=self.payload_pool,
+            waiting=self.waiting,
         )
         self.sessions.add(session)
         try:

@@ -21,6 +21,7 @@ from nbdserve.config import ExportConfig
 from nbdserve.errors import NbdErrno
 from nbdserve.protocol import connection as connection_module
 from nbdserve.protocol.constants import Cmd, CmdFlag, Info, Opt, Rep, StateFlag, TxFlag
+from nbdserve.server import session as session_module
 from nbdserve.server.serve import ServerHandle
 from tests.helpers import client as cl
 from tests.helpers.client import NbdClient, NbdError
@@ -441,6 +442,74 @@ async def test_slow_request_does_not_hold_up_later_ones(image: tuple[Path, bytea
         release.set()
         r = await c.next_reply()
         assert (r.handle, r.error) == (flush, 0)
+
+
+async def test_clients_between_requests_do_not_wait_behind_each_others_poll(
+    image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session whose client is between two requests polls its socket for a
+    while.  With other such sessions around it polls through the scheduler, so
+    their requests are answered meanwhile; the poll that keeps the loop to
+    itself runs only when no other client waits.  A session with a request in
+    flight does not count as waiting, nor does one idle for WAITING_SECONDS."""
+    path, model = image
+    monkeypatch.setattr(session_module, "WAITING_SECONDS", 0.5)
+    held: list[tuple[int, bool]] = []  # (others waiting, nothing in flight) per own poll
+    through: list[int] = []
+    counters: list[session_module.WaitingClients] = []
+    Session = session_module.Session
+    own_poll, scheduler_poll = Session._spin_receive, Session._spin_through_scheduler
+
+    def noting_own_poll(self: Any, view: memoryview) -> int | None:
+        held.append((self._waiting.count, self._nothing_in_flight()))
+        counters.append(self._waiting)
+        return own_poll(self, view)
+
+    async def noting_scheduler_poll(self: Any, view: memoryview) -> int | None:
+        through.append(self._waiting.count)
+        return await scheduler_poll(self, view)
+
+    monkeypatch.setattr(Session, "_spin_receive", noting_own_poll)
+    monkeypatch.setattr(Session, "_spin_through_scheduler", noting_scheduler_poll)
+
+    async def read_back(c: NbdClient, base: int) -> None:
+        for i in range(100):
+            offset = base + (i * 37 % 256) * 4096
+            assert await c.read(offset, 4096) == model[offset : offset + 4096]
+
+    release = trio.Event()
+    async with serving(export(path, "disk")) as srv:
+        assert srv.registry is not None
+        device = srv.registry.lookup("disk").device  # type: ignore[union-attr]
+        real_flush = device.flush
+
+        async def slow_flush() -> None:
+            await release.wait()
+            await real_flush()
+
+        device.flush = slow_flush  # type: ignore[method-assign]
+        async with await connect(srv) as a, await connect(srv) as b:
+            await a.go("disk")
+            await b.go("disk")
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read_back, a, 0)
+                nursery.start_soon(read_back, b, 4 * MiB)
+            assert through, "no session polled through the scheduler"
+            assert all(count >= 2 for count in through), through
+            assert not [h for h in held if h[0] and h[1]], "own poll while others waited"
+            waiting = counters[0]
+            await trio.testing.wait_all_tasks_blocked()
+            assert waiting.count == 2  # both clients between requests
+            flush = await a.submit(Cmd.FLUSH)  # held in flight by slow_flush
+            await trio.testing.wait_all_tasks_blocked()
+            assert waiting.count == 1  # b only
+            with trio.fail_after(10):
+                while waiting.count:  # b idles past WAITING_SECONDS
+                    await trio.sleep(0.05)
+            release.set()
+            r = await a.next_reply()
+            assert (r.handle, r.error) == (flush, 0)
+        assert waiting.count == 0
 
 
 # ---- write-type commands -----------------------------------------------------------

@@ -100,6 +100,8 @@ WORKLOADS = (
     Workload("randwrite-4k-qd16", "randwrite", "4k", 16),
     Workload("randread-64k-qd16", "randread", "64k", 16),
     Workload("randread-4k-qd16-2conn", "randread", "4k", 16, numjobs=2),
+    # clients at queue depth 1 must not wait for each other (the session's poll)
+    Workload("randread-4k-qd1-2conn", "randread", "4k", 1, numjobs=2),
 )
 
 

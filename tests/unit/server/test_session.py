@@ -418,19 +418,25 @@ async def test_pipelined_requests_replies_matched_by_handle(
         assert await c.read(0, SIZE) == model
 
 
+def hold_flushes(srv: ServerHandle, export_name: str) -> trio.Event:
+    """Make the export's FLUSHes wait for the returned event: a request held in flight."""
+    assert srv.registry is not None
+    device = srv.registry.lookup(export_name).device  # type: ignore[union-attr]
+    real_flush = device.flush
+    release = trio.Event()
+
+    async def slow_flush() -> None:
+        await release.wait()
+        await real_flush()
+
+    device.flush = slow_flush  # type: ignore[method-assign]
+    return release
+
+
 async def test_slow_request_does_not_hold_up_later_ones(image: tuple[Path, bytearray]) -> None:
     path, model = image
-    release = trio.Event()
     async with serving(export(path, "disk")) as srv, await connect(srv) as c:
-        assert srv.registry is not None
-        device = srv.registry.lookup("disk").device  # type: ignore[union-attr]
-        real_flush = device.flush
-
-        async def slow_flush() -> None:
-            await release.wait()
-            await real_flush()
-
-        device.flush = slow_flush  # type: ignore[method-assign]
+        release = hold_flushes(srv, "disk")
         await c.go("disk")
         flush = await c.submit(Cmd.FLUSH)
         reads = [await c.submit(Cmd.READ, MiB + i * 4096, 4096) for i in range(8)]
@@ -478,17 +484,8 @@ async def test_clients_between_requests_do_not_wait_behind_each_others_poll(
             offset = base + (i * 37 % 256) * 4096
             assert await c.read(offset, 4096) == model[offset : offset + 4096]
 
-    release = trio.Event()
     async with serving(export(path, "disk")) as srv:
-        assert srv.registry is not None
-        device = srv.registry.lookup("disk").device  # type: ignore[union-attr]
-        real_flush = device.flush
-
-        async def slow_flush() -> None:
-            await release.wait()
-            await real_flush()
-
-        device.flush = slow_flush  # type: ignore[method-assign]
+        release = hold_flushes(srv, "disk")
         async with await connect(srv) as a, await connect(srv) as b:
             await a.go("disk")
             await b.go("disk")

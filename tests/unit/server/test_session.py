@@ -498,7 +498,7 @@ async def test_clients_between_requests_do_not_wait_behind_each_others_poll(
             (waiting,) = set(counters)  # the server's one counter
             await trio.testing.wait_all_tasks_blocked()
             assert waiting.count == 2  # both clients between requests
-            flush = await a.submit(Cmd.FLUSH)  # held in flight by slow_flush
+            flush = await a.submit(Cmd.FLUSH)  # held in flight by hold_flushes
             await trio.testing.wait_all_tasks_blocked()
             assert waiting.count == 1  # b only
             with trio.fail_after(10):

@@ -60,8 +60,8 @@ RECEIVE_SIZE = 256 * 1024
 # poll a quiet socket this long before parking in the scheduler (queue depth 1
 # latency: measured 12k -> 17.5k IOPS for 4 KiB random reads at QD1)
 SPIN_SECONDS = 30e-6
-# a session with nothing in flight counts as waiting for its client's next
-# request this long (see Session._wait_for_request); idle connections do not
+# a client whose last request is older than this is idle, not between two
+# requests (see Session._wait_for_request)
 WAITING_SECONDS = 10e-3
 # while requests keep arriving, let other tasks run at least this often
 YIELD_INTERVAL = 0.5e-3
@@ -114,14 +114,34 @@ def _unsent(rest: list[memoryview]) -> list[memoryview]:
 
 class WaitingClients:
     """How many of a server's sessions are waiting for their client's next
-    request with nothing of theirs in flight: clients at queue depth 1 between
-    two requests.  While there are any, a session does not keep the loop to
-    itself polling its own socket (see Session._wait_for_request)."""
+    request with nothing of theirs in flight, and the two sessions that last
+    got a request after such a wait, with when.  While another client is
+    between two requests, a session does not keep the loop to itself polling
+    its own socket (see Session._wait_for_request)."""
 
-    __slots__ = ("count",)
+    __slots__ = ("count", "last", "last_at", "prev", "prev_at")
 
     def __init__(self) -> None:
         self.count = 0
+        self.last: object = None
+        self.last_at = float("-inf")
+        self.prev: object = None
+        self.prev_at = float("-inf")
+
+    def woke(self, session: object, now: float) -> None:
+        if self.last is not session:
+            self.prev, self.prev_at = self.last, self.last_at
+            self.last = session
+        self.last_at = now
+
+    def others_between_requests(self, session: object, now: float) -> bool:
+        """Some session waits, and another one than ``session`` got a request
+        within WAITING_SECONDS: not just idle connections."""
+        if not self.count:
+            return False
+        if self.last is not session:
+            return now - self.last_at < WAITING_SECONDS
+        return self.prev is not None and now - self.prev_at < WAITING_SECONDS
 
 
 class Session:
@@ -363,7 +383,10 @@ class Session:
             return
         view = self._receive_view()
         n = self.transport.try_receive_into(view)
-        if n is None and not (self._waiting.count and self._nothing_in_flight()):
+        if n is None and not (
+            self._nothing_in_flight()
+            and self._waiting.others_between_requests(self, perf_counter())
+        ):
             n = self._spin_receive(view)
         if n is None:
             n = await self._wait_for_request(view)
@@ -379,33 +402,36 @@ class Session:
         """Wait in the scheduler for the client's next request headers.
 
         A session with nothing in flight counts as waiting for its client
-        (queue depth 1, between two requests).  While others wait too, it
-        polls through the scheduler for SPIN_SECONDS before parking, and
-        skips ``_spin_receive``, which would keep the loop to itself: a
-        request arriving on another connection is then answered at once, not
-        after our poll (two clients at queue depth 1: 1.34x the IOPS in all,
-        median of 9 A/B rounds).
-        A session with requests in flight (say, reads from the disk) does not
-        count, so a queue-depth-1 client beside it keeps its poll; nor does a
-        connection idle for WAITING_SECONDS, nor one over TLS (an SSLStream
-        receive cannot be cut short by the timeout without breaking it).
+        (queue depth 1, between two requests).  While another client is
+        between two requests too, it polls through the scheduler for
+        SPIN_SECONDS before parking, and skips ``_spin_receive``, which would
+        keep the loop to itself: a request arriving on another connection is
+        then answered at once, not after our poll (two clients at queue depth
+        1: 1.34x the IOPS in all, median of 9 A/B rounds).  A session with
+        requests in flight (say, reads from the disk) does not count, so a
+        queue-depth-1 client beside it keeps its poll; nor do connections
+        whose client has sent nothing for WAITING_SECONDS, nor TLS ones (no
+        non-blocking receive to poll).  A timeout on the
+        wait itself would do that too, but measured worse: a cancel scope
+        around each wait cost a deep client beside a QD1 one a third of its
+        rate.
         """
         transport = self.transport
         if not (self._nothing_in_flight() and isinstance(transport, SocketTransport)):
             return await transport.receive_into(view)
         waiting = self._waiting
+        spin = waiting.others_between_requests(self, perf_counter())
         waiting.count += 1
         try:
-            if waiting.count > 1:
+            n = None
+            if spin:
                 n = await self._spin_through_scheduler(view)
-                if n is not None:
-                    return n
-            with trio.move_on_after(WAITING_SECONDS):
-                return await transport.receive_into(view)
+            if n is None:
+                n = await transport.receive_into(view)
         finally:
             waiting.count -= 1
-        # an idle connection: no longer a client between two requests
-        return await transport.receive_into(view)
+        waiting.woke(self, perf_counter())
+        return n
 
     async def _spin_through_scheduler(self, view: memoryview) -> int | None:
         try_receive_into = self.transport.try_receive_into

@@ -11,6 +11,7 @@ import struct
 import tempfile
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import pytest
@@ -454,33 +455,34 @@ async def test_clients_between_requests_do_not_wait_behind_each_others_poll(
     image: tuple[Path, bytearray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A session whose client is between two requests polls its socket for a
-    while.  With other such sessions around it polls through the scheduler, so
-    their requests are answered meanwhile; the poll that keeps the loop to
-    itself runs only when no other client waits.  A session with a request in
-    flight does not count as waiting, nor does one idle for WAITING_SECONDS."""
+    while.  While another client is between requests too, it polls through the
+    scheduler, so the other's requests are answered meanwhile; the poll that
+    keeps the loop to itself is for a client alone, or beside busy sessions
+    and idle connections only."""
     path, model = image
-    monkeypatch.setattr(session_module, "WAITING_SECONDS", 2.0)
-    held: list[tuple[int, bool]] = []  # (others waiting, nothing in flight) per own poll
+    monkeypatch.setattr(session_module, "WAITING_SECONDS", 0.2)
+    own: list[bool] = []  # per private poll: was another client between requests?
     through: list[int] = []
     counters: list[session_module.WaitingClients] = []
     Session = session_module.Session
     own_poll, scheduler_poll = Session._spin_receive, Session._spin_through_scheduler
 
     def noting_own_poll(self: Any, view: memoryview) -> int | None:
-        held.append((self._waiting.count, self._nothing_in_flight()))
         counters.append(self._waiting)
+        busy = not self._nothing_in_flight()
+        own.append(not busy and self._waiting.others_between_requests(self, perf_counter()))
         return own_poll(self, view)
 
     async def noting_scheduler_poll(self: Any, view: memoryview) -> int | None:
-        through.append(self._waiting.count)
         counters.append(self._waiting)
+        through.append(self._waiting.count)
         return await scheduler_poll(self, view)
 
     monkeypatch.setattr(Session, "_spin_receive", noting_own_poll)
     monkeypatch.setattr(Session, "_spin_through_scheduler", noting_scheduler_poll)
 
-    async def read_back(c: NbdClient, base: int) -> None:
-        for i in range(100):
+    async def read_back(c: NbdClient, base: int, n: int = 100) -> None:
+        for i in range(n):
             offset = base + (i * 37 % 256) * 4096
             assert await c.read(offset, 4096) == model[offset : offset + 4096]
 
@@ -493,20 +495,24 @@ async def test_clients_between_requests_do_not_wait_behind_each_others_poll(
                 nursery.start_soon(read_back, a, 0)
                 nursery.start_soon(read_back, b, 4 * MiB)
             assert through, "no session polled through the scheduler"
-            assert all(count >= 2 for count in through), through
-            assert not [h for h in held if h[0] and h[1]], "own poll while others waited"
+            assert all(count >= 1 for count in through), through
+            assert not any(own), "a private poll while another client was between requests"
             (waiting,) = set(counters)  # the server's one counter
             await trio.testing.wait_all_tasks_blocked()
             assert waiting.count == 2  # both clients between requests
             flush = await a.submit(Cmd.FLUSH)  # held in flight by hold_flushes
             await trio.testing.wait_all_tasks_blocked()
-            assert waiting.count == 1  # b only
-            with trio.fail_after(10):
-                while waiting.count:  # b idles past WAITING_SECONDS
-                    await trio.sleep(0.05)
+            assert waiting.count == 1  # b only: a has a request in flight
             release.set()
             r = await a.next_reply()
             assert (r.handle, r.error) == (flush, 0)
+            # b idles past WAITING_SECONDS: a alone goes back to its private poll
+            await trio.sleep(0.3)
+            own.clear()
+            through.clear()
+            await read_back(a, 0, 20)
+            assert own, "a alone never polled its own socket"
+            assert not through, through
         assert waiting.count == 0
 
 

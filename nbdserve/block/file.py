@@ -218,6 +218,17 @@ class FileBackend:
             return
         await trio.to_thread.run_sync(self._pread_all, offset, buf)
 
+    def try_pread_pieces_into(self, pieces: Sequence[tuple[int, int]], buf: memoryview) -> bool:
+        """``try_pread_into`` for a range scattered over the file: the (offset, length)
+        pieces in turn; False at the first one not in the page cache."""
+        try_pread = self.try_pread_into
+        pos = 0
+        for offset, length in pieces:
+            if not try_pread(offset, buf[pos : pos + length]):
+                return False
+            pos += length
+        return True
+
     async def pread_pieces_into(self, pieces: Sequence[tuple[int, int]], buf: memoryview) -> None:
         """Fill ``buf`` from the (offset, length) pieces in turn: ``pread_into`` for a
         range scattered over the file, with one hand-off to a thread for all of

@@ -495,7 +495,7 @@ class Qcow2Driver(FormatDriver):
         if self._spans_clusters(offset, len(buf)):
             pieces = self.cmap.peek_host_pieces(offset, len(buf))
             if pieces is not None:
-                return self._try_read_pieces(pieces, buf)
+                return self.data_file.try_pread_pieces_into(pieces, buf)
         if self.cmap.peek_reads_zero(offset, len(buf), no_backing=self.backing is None):
             fill_zeros(buf)
             return True
@@ -504,17 +504,6 @@ class Qcow2Driver(FormatDriver):
         if self.backing is not None and self.cmap.peek_unallocated(offset, len(buf)):
             return self._try_read_backing(offset, buf)
         return False
-
-    def _try_read_pieces(self, pieces: list[tuple[int, int]], buf: memoryview) -> bool:
-        """Read a fragmented range piece by piece from the page cache; False at the
-        first piece that is not cached (the caller then reads it all again)."""
-        try_pread = self.data_file.try_pread_into
-        pos = 0
-        for host, n in pieces:
-            if not try_pread(host, buf[pos : pos + n]):
-                return False
-            pos += n
-        return True
 
     def zero_copy_region(self, offset: int, length: int) -> ZeroCopy | None:
         if self._closed:
@@ -540,7 +529,7 @@ class Qcow2Driver(FormatDriver):
         self._check_open()
         pieces = self.cmap.peek_host_pieces(offset, len(buf))
         if pieces is not None:
-            if self._try_read_pieces(pieces, buf):
+            if self.data_file.try_pread_pieces_into(pieces, buf):
                 await trio.lowlevel.checkpoint()
             else:  # from the disk: one thread hand-off, not one per cluster
                 await self.data_file.pread_pieces_into(pieces, buf)

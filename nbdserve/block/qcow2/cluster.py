@@ -623,8 +623,9 @@ class ClusterMap:
         head = offset & self._cluster_mask
         pos = offset - head  # guest offset of the first cluster
         end = offset + length
+        cuts = breaks.tolist()
         pieces = []
-        for i, j in zip([0, *breaks.tolist()], [*breaks.tolist(), len(hosts)], strict=True):
+        for i, j in zip([0, *cuts], [*cuts, len(hosts)], strict=True):
             lo, hi = max(pos + (i << cb), offset), min(pos + (j << cb), end)
             pieces.append((int(hosts[i]) + lo - pos - (i << cb), hi - lo))
         return pieces

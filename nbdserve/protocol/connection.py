@@ -100,6 +100,10 @@ _DISC = int(Cmd.DISC)
 _OFFSET_DATA = int(ReplyType.OFFSET_DATA)
 _NO_PAYLOAD = int(ReplyType.NONE)
 _BATCH_ENDERS = (ev.Disconnect, ev.ConnectionClosed)
+# builds a Request without the Python-level __new__ NamedTuple generates:
+# 0.14 against 0.31 us, once per request on the per-request path
+_Request = ev.Request
+_new_request = tuple.__new__
 
 DEFAULT_MAX_OPTION_SIZE = 64 * 1024
 DEFAULT_MAX_PAYLOAD = 32 * 1024 * 1024
@@ -512,7 +516,7 @@ class ServerConnection:
         self._pos = pos + hsize
         st = self._tstate or self._transmission_state()
         if is_plain_read(st, cmd, flags, offset, length):
-            return ev.Request(handle, cmd, flags, offset, length)
+            return _new_request(_Request, (handle, cmd, flags, offset, length, None))
         if cmd == _DISC:
             self._phase = Phase.CLOSED
             return ev.Disconnect()
@@ -538,13 +542,13 @@ class ServerConnection:
                 return self._start_payload(hsize, flags, handle, offset, length)
             return self._eof_or(ev.NEED_DATA, "inside a write payload")
         start = self._pos + hsize
-        payload = bytes(memoryview(self._buf)[start : start + length])
+        payload = self._buf[start : start + length]  # a copy: the buffer moves on
         self._pos = start + length
         if self._pos > 1 << 20:
             self._compact()
         if bad is not None:
             return ev.InvalidRequest(handle, _WRITE, flags, offset, length, bad[0], bad[1])
-        return ev.Request(handle, _WRITE, flags, offset, length, payload)
+        return _new_request(_Request, (handle, _WRITE, flags, offset, length, payload))
 
     def _start_payload(
         self, hsize: int, flags: int, handle: int, offset: int, length: int

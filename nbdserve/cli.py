@@ -131,6 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-connections", type=int, default=None, help="clients at once (default 1024)"
     )
     serve.add_argument(
+        "--tcp-congestion",
+        metavar="NAME",
+        default=None,
+        help="TCP congestion control of client connections: auto (default: loopback "
+        "clients get cubic instead of a pacing one such as bbr), system, or a name",
+    )
+    serve.add_argument(
         "--allow",
         action="append",
         default=None,
@@ -309,6 +316,8 @@ def _server_args(args: argparse.Namespace) -> dict[str, object]:
         out["metrics"] = args.metrics
     if args.max_connections is not None:
         out["max_connections"] = args.max_connections
+    if args.tcp_congestion is not None:
+        out["tcp_congestion"] = args.tcp_congestion
     return out
 
 

@@ -91,6 +91,8 @@ class ServerConfig:
     tls_certificates: str | None = None  # dir with ca-cert.pem, server-cert.pem, server-key.pem
     tls_verify_peer: bool = False
     tls_psk_file: str | None = None
+    # auto | system | a congestion control name (see server/congestion.py)
+    tcp_congestion: str = "auto"
 
     def __post_init__(self) -> None:
         check_fields(self, "[server]")
@@ -102,6 +104,12 @@ class ServerConfig:
             raise ConfigError(f"duplicate export names: {', '.join(sorted(dupes))}")
         if self.bind is None and self.socket is None:
             raise ConfigError("nothing to listen on: give a TCP address or a socket")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,15}", self.tcp_congestion):
+            # the kernel's names are at most 15 characters (TCP_CA_NAME_MAX)
+            raise ConfigError(
+                f"tcp_congestion must be auto, system or a congestion control name, "
+                f"not {self.tcp_congestion!r}"
+            )
         if self.tls not in ("off", "on", "require"):
             raise ConfigError(f"tls must be off, on or require, not {self.tls!r}")
         if any(e.tls_required for e in self.exports) and self.tls == "off":
@@ -253,6 +261,7 @@ _SERVER_KEYS = {
     "tls_certificates",
     "tls_verify_peer",
     "tls_psk_file",
+    "tcp_congestion",
 }
 
 

@@ -23,6 +23,7 @@ from nbdserve.config import ServerConfig
 from nbdserve.errors import ConfigError, NbdServeError
 from nbdserve.logformat import quote
 from nbdserve.protocol.connection import PayloadPool
+from nbdserve.server import congestion
 from nbdserve.server.exports import ExportRegistry
 from nbdserve.server.metrics import parse_address, serve_metrics
 from nbdserve.server.session import Session, WaitingClients
@@ -68,6 +69,7 @@ async def serve(
     ``reload`` re-reads the configuration on SIGHUP (with ``handle_signals``):
     exports are added and removed, existing clients keep their exports.
     """
+    congestion.check_setting(config.tcp_congestion)
     registry = await ExportRegistry.open(
         config.exports, default_export=config.default_export, force_read_only=force_read_only
     )
@@ -202,6 +204,7 @@ class _Server:
 
     async def _session(self, stream: trio.SocketStream) -> None:
         transport = SocketTransport.from_stream(stream)
+        congestion.apply(transport.sock, self.config.tcp_congestion, transport.peer_address)
         session = Session(
             transport,
             self.registry,

@@ -55,6 +55,13 @@ def test_unknown_format_is_one_line(tmp_path: Path) -> None:
     _assert_one_line_error(_nbdserve("serve", "-f", "vmdk9", str(img)), "unknown image format")
 
 
+def test_unknown_congestion_control_is_one_line(tmp_path: Path) -> None:
+    img = tmp_path / "d.raw"
+    img.write_bytes(bytes(4096))
+    result = _nbdserve("serve", "--tcp-congestion", "nosuchcc", "--port", "0", str(img))
+    _assert_one_line_error(result, "tcp_congestion 'nosuchcc' cannot be used here")
+
+
 def test_bad_option_is_reported_by_argparse() -> None:
     result = _nbdserve("serve", "--no-such-option")
     assert result.returncode == 2
@@ -147,6 +154,7 @@ def test_config_relative_paths_resolve_against_the_file(tmp_path: Path) -> None:
         ({"server": {"prot": 1}, "export": [{"path": "x"}]}, "unknown [server] keys"),
         ({"export": [{"path": "x", "name": "a"}, {"path": "y", "name": "a"}]}, "duplicate"),
         ({"server": {"port": 70000}, "export": [{"path": "x"}]}, "out of range"),
+        ({"server": {"tcp_congestion": "cu bic"}, "export": [{"path": "x"}]}, "tcp_congestion"),
     ],
 )
 def test_bad_configs_are_refused_clearly(data: dict[str, object], needle: str) -> None:

@@ -210,6 +210,9 @@ def versions(args: argparse.Namespace) -> dict[str, Any]:
         "libnbd": first_line(["nbdinfo", "--version"]),
         "nbdserve_src": str(args.nbdserve_src),
         "nbdserve_git": git_head(args.nbdserve_src),
+        # the host's default for TCP connections: BBR paces sends, which
+        # large reads over loopback feel (README, "Large reads")
+        "tcp_congestion": first_line(["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]),
     }
     try:
         with open("/proc/cpuinfo") as f:

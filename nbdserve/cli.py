@@ -134,8 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tcp-congestion",
         metavar="NAME",
         default=None,
-        help="TCP congestion control of client connections: auto (default: loopback "
-        "clients get cubic instead of a pacing one such as bbr), system, or a name",
+        help="TCP congestion control of client connections: auto (default: clients on "
+        "this machine get cubic instead of a pacing one such as bbr), system, or a name",
     )
     serve.add_argument(
         "--allow",

@@ -12,8 +12,9 @@ default was CUBIC.
 
 ``tcp_congestion`` in the server config decides:
 
-* ``auto`` (default): a client on a loopback address whose connection would
-  pace (BBR) gets CUBIC; every other connection keeps the host's choice;
+* ``auto`` (default): a client on this machine (a loopback address, or the
+  server's own) whose connection would pace (BBR) gets CUBIC; every other
+  connection keeps the host's choice;
 * ``system``: never change it;
 * a name (``cubic``, ``reno``, ``bbr``...): every TCP connection uses that one;
   the server refuses to start if the kernel does not allow it.
@@ -49,27 +50,34 @@ def paces(name: str) -> bool:
     return name.startswith("bbr")
 
 
-def is_loopback(address: str | None) -> bool:
+def _ip(address: str | None) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     if address is None:
-        return False
+        return None
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
-        return False
+        return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+        return ip.ipv4_mapped
+    return ip
 
 
-def wanted(setting: str, peer_address: str | None, now: str) -> tuple[str, ...]:
+def is_local(peer_address: str | None, own_address: str | None = None) -> bool:
+    """A client on this machine: a loopback address, or the server's own
+    address (which the kernel routes through the loopback device too)."""
+    peer = _ip(peer_address)
+    if peer is None:
+        return False
+    return peer.is_loopback or peer == _ip(own_address)
+
+
+def wanted(setting: str, local: bool, now: str) -> tuple[str, ...]:
     """The congestion controls to try, in order, for a connection that uses
     ``now``; empty: leave it as it is."""
     if setting == SYSTEM:
         return ()
     if setting == AUTO:
-        if is_loopback(peer_address) and paces(now):
-            return UNPACED
-        return ()
+        return UNPACED if local and paces(now) else ()
     return () if setting == now else (setting,)
 
 
@@ -81,9 +89,10 @@ def apply(sock: socket.socket, setting: str, peer_address: str | None) -> None:
         return
     try:
         now = current(sock)
+        own = sock.getsockname()[0]
     except OSError:
         return
-    for name in wanted(setting, peer_address, now):
+    for name in wanted(setting, is_local(peer_address, own), now):
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, name.encode("ascii"))
         except OSError as exc:

@@ -61,40 +61,43 @@ def _accepted(listener_cc: str | None) -> Iterator[socket.socket]:
 
 
 @pytest.mark.parametrize(
-    ("address", "loopback"),
+    ("peer", "own", "local"),
     [
-        ("127.0.0.1", True),
-        ("127.3.2.1", True),
-        ("::1", True),
-        ("::ffff:127.0.0.1", True),
-        ("10.0.0.1", False),
-        ("::ffff:10.0.0.1", False),
-        ("2001:db8::1", False),
-        (None, False),
-        ("unix", False),
+        ("127.0.0.1", "127.0.0.1", True),
+        ("127.3.2.1", "0.0.0.0", True),
+        ("::1", "::1", True),
+        ("::ffff:127.0.0.1", "::ffff:127.0.0.1", True),
+        ("10.0.0.1", "10.0.0.1", True),  # the server's own address: routed through lo
+        ("::ffff:10.0.0.1", "10.0.0.1", True),
+        ("fe80::1%eth0", "fe80::1%eth0", True),
+        ("10.0.0.1", "10.0.0.2", False),
+        ("::ffff:10.0.0.1", "::ffff:10.0.0.2", False),
+        ("2001:db8::1", "2001:db8::2", False),
+        ("10.0.0.1", None, False),
+        (None, "127.0.0.1", False),
+        ("unix", "unix", False),
     ],
 )
-def test_loopback_addresses(address: str | None, loopback: bool) -> None:
-    assert congestion.is_loopback(address) is loopback
+def test_local_clients(peer: str | None, own: str | None, local: bool) -> None:
+    assert congestion.is_local(peer, own) is local
 
 
 @pytest.mark.parametrize(
-    ("setting", "peer", "now", "expected"),
+    ("setting", "local", "now", "expected"),
     [
-        ("auto", "127.0.0.1", "bbr", congestion.UNPACED),
-        ("auto", "::1", "bbr", congestion.UNPACED),
-        ("auto", "10.1.2.3", "bbr", ()),  # a real network: BBR's pacing is wanted
-        ("auto", "127.0.0.1", "cubic", ()),
-        ("auto", "127.0.0.1", "reno", ()),
-        ("system", "127.0.0.1", "bbr", ()),
-        ("reno", "10.1.2.3", "cubic", ("reno",)),
-        ("reno", "127.0.0.1", "reno", ()),
+        ("auto", True, "bbr", congestion.UNPACED),
+        ("auto", False, "bbr", ()),  # a real network: BBR's pacing is wanted
+        ("auto", True, "cubic", ()),
+        ("auto", True, "reno", ()),
+        ("system", True, "bbr", ()),
+        ("reno", False, "cubic", ("reno",)),
+        ("reno", True, "reno", ()),
     ],
 )
 def test_which_congestion_control_is_wanted(
-    setting: str, peer: str, now: str, expected: tuple[str, ...]
+    setting: str, local: bool, now: str, expected: tuple[str, ...]
 ) -> None:
-    assert congestion.wanted(setting, peer, now) == expected
+    assert congestion.wanted(setting, local, now) == expected
 
 
 @pytest.mark.skipif(not _settable("bbr"), reason="the kernel here has no BBR")

@@ -24,14 +24,6 @@ from tests.conftest import require_tools
 from tests.helpers.server import export, nbdsh_argv, running_server, uri
 
 
-def _available() -> set[str]:
-    try:
-        with open("/proc/sys/net/ipv4/tcp_available_congestion_control") as f:
-            return set(f.read().split())
-    except OSError:
-        return set()
-
-
 def _settable(name: str) -> bool:
     with socket.socket() as s:
         try:

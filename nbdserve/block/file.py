@@ -17,25 +17,38 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import logging
 import mmap
 import os
 import stat
 import struct
 import threading
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 import trio
 
 from nbdserve.block.base import fill_zeros
 from nbdserve.errors import HostIOError, ImageLockedError, NotSupportedError, from_os_error
+from nbdserve.logformat import quote
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
     from nbdserve.block.base import Buffer, ZeroCopy
-# Writes up to this size go to the page cache inline; larger ones use a thread
-# so one client's big write cannot hold the loop while the kernel throttles.
-INLINE_WRITE_MAX = 256 * 1024
+
+LOGGER = logging.getLogger(__name__)
+
+# Writes up to this size go to the page cache inline; larger ones use a thread.
+# A 1 MiB write into the page cache takes ~0.2 ms; what can make any inline
+# write long is the kernel throttling a writer (too many dirty pages), and
+# buffered writes cannot be asked not to wait (RWF_NOWAIT: EOPNOTSUPP on ext4
+# here).  So an inline write that took longer than SLOW_INLINE_WRITE sends
+# every write to threads for INLINE_PAUSE: under throttling the loop stalls
+# once, not on every write.
+INLINE_WRITE_MAX = 1024 * 1024
+SLOW_INLINE_WRITE = 2e-3
+INLINE_PAUSE = 1.0
 
 # O_DIRECT transfers are aligned to this (safe for 512-byte and 4 KiB devices)
 DIRECT_ALIGNMENT = 4096
@@ -135,6 +148,9 @@ class FileBackend:
         # every extent up to the next hole (the end of file)
         self._holes_possible = self.is_block_device or _has_hole(fd, self._size)
         self._closed = False
+        self._inline_writes_from = 0.0  # perf_counter() time; see SLOW_INLINE_WRITE
+        self.slow_inline_write = SLOW_INLINE_WRITE
+        self.inline_pause = INLINE_PAUSE
 
     @classmethod
     def open(
@@ -311,15 +327,30 @@ class FileBackend:
     # ---- writes -------------------------------------------------------------
 
     def try_pwrite(self, offset: int, data: Buffer) -> bool:
-        """Write small buffers straight into the page cache."""
+        """Write up to INLINE_WRITE_MAX bytes straight into the page cache, unless
+        a recent inline write was slow (see SLOW_INLINE_WRITE): then False."""
         mv = memoryview(data)
         n = mv.nbytes
         if n > INLINE_WRITE_MAX or self.direct:
             return False
+        started = perf_counter()
+        if started < self._inline_writes_from:
+            return False
         if offset < 0 or offset + n > _MAX_HOST_OFFSET:  # inline: this is the hot path
             self._check_host_range(offset, n, "write")
         self._pwrite_all(offset, mv)
+        if perf_counter() - started > self.slow_inline_write:
+            self._pause_inline_writes(started)
         return True
+
+    def _pause_inline_writes(self, started: float) -> None:
+        self._inline_writes_from = perf_counter() + self.inline_pause
+        LOGGER.info(
+            "event=inline-writes-paused path=%s took_ms=%.1f pause_s=%.1f",
+            quote(self.path),
+            (perf_counter() - started) * 1e3,
+            self.inline_pause,
+        )
 
     async def pwrite(self, offset: int, data: Buffer) -> None:
         self._check_host_range(offset, memoryview(data).nbytes, "write")

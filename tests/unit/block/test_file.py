@@ -13,8 +13,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import trio
 
-from nbdserve.block.file import FileBackend
+from nbdserve.block.file import INLINE_WRITE_MAX, FileBackend
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -139,3 +140,40 @@ def test_is_cached_answers_each_range(tmp_path: Path) -> None:
             assert file.is_cached(60 * KiB, 4 * KiB)
     finally:
         os.close(file.fd)
+
+
+# ---- inline writes and their circuit breaker ------------------------------------
+
+
+def test_writes_up_to_the_inline_limit_go_straight_to_the_page_cache(
+    full_file: FileBackend,
+) -> None:
+    data = bytes(range(256)) * (MiB // 256)  # fio's and many clients' request size
+    assert full_file.try_pwrite(4096, data)
+    assert os.pread(full_file.fd, len(data), 4096) == data
+    over = b"\x09" * (INLINE_WRITE_MAX + 1)
+    assert not full_file.try_pwrite(0, over)  # over the limit: a thread's job
+
+
+async def test_a_slow_inline_write_sends_writes_to_threads_for_a_while(
+    full_file: FileBackend,
+) -> None:
+    """Any inline write counts as slow here (threshold 0): the one that was
+    slow is done, the next ones go through pwrite's thread until the pause
+    ends, and every byte lands either way."""
+    full_file.slow_inline_write = 0.0
+    full_file.inline_pause = 0.2
+    first, second, third = b"\x01" * 4096, b"\x02" * 4096, b"\x03" * 4096
+    assert full_file.try_pwrite(0, first)
+    assert not full_file.try_pwrite(4096, second)
+    await full_file.pwrite(4096, second)  # the async path still writes it
+    assert os.pread(full_file.fd, 8192, 0) == first + second
+    await trio.sleep(0.25)
+    assert full_file.try_pwrite(8192, third)
+    assert os.pread(full_file.fd, 4096, 8192) == third
+
+
+def test_fast_inline_writes_never_pause(full_file: FileBackend) -> None:
+    full_file.slow_inline_write = 10.0
+    for i in range(64):
+        assert full_file.try_pwrite(i * 4096, b"\x07" * 4096)

@@ -149,6 +149,7 @@ class FileBackend:
         self._holes_possible = self.is_block_device or _has_hole(fd, self._size)
         self._closed = False
         self._inline_writes_from = 0.0  # perf_counter() time; see SLOW_INLINE_WRITE
+        self._pause_logged_at = float("-inf")
         self.slow_inline_write = SLOW_INLINE_WRITE
         self.inline_pause = INLINE_PAUSE
 
@@ -344,11 +345,17 @@ class FileBackend:
         return True
 
     def _pause_inline_writes(self, started: float) -> None:
-        self._inline_writes_from = perf_counter() + self.inline_pause
-        LOGGER.info(
+        now = perf_counter()
+        self._inline_writes_from = now + self.inline_pause
+        # under lasting throttling this happens every pause: say so once a minute
+        level = logging.INFO if now - self._pause_logged_at >= 60.0 else logging.DEBUG
+        if level == logging.INFO:
+            self._pause_logged_at = now
+        LOGGER.log(
+            level,
             "event=inline-writes-paused path=%s took_ms=%.1f pause_s=%.1f",
             quote(self.path),
-            (perf_counter() - started) * 1e3,
+            (now - started) * 1e3,
             self.inline_pause,
         )
 

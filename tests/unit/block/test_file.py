@@ -8,6 +8,7 @@ SEEK_HOLE itself, so forgetting one of them fails.
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -171,6 +172,19 @@ async def test_a_slow_inline_write_sends_writes_to_threads_for_a_while(
     await trio.sleep(0.25)
     assert full_file.try_pwrite(8192, third)
     assert os.pread(full_file.fd, 4096, 8192) == third
+
+
+async def test_a_pause_is_logged_once_a_minute(
+    full_file: FileBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    full_file.slow_inline_write = 0.0
+    full_file.inline_pause = 0.0
+    with caplog.at_level(logging.INFO, logger="nbdserve.block.file"):
+        for i in range(3):
+            assert full_file.try_pwrite(i * 4096, b"\x05" * 4096)
+    paused = [r for r in caplog.records if "event=inline-writes-paused" in r.getMessage()]
+    assert len(paused) == 1
+    assert paused[0].levelno == logging.INFO
 
 
 def test_fast_inline_writes_never_pause(full_file: FileBackend) -> None:

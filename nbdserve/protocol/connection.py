@@ -238,7 +238,11 @@ class ServerConnection:
         on to it would otherwise see it overwritten): the references are the
         caller's Request, this argument and getrefcount's own.
         """
-        if type(payload) is bytearray and sys.getrefcount(payload) <= 3:
+        if (
+            type(payload) is bytearray
+            and len(payload) >= LARGE_PAYLOAD  # the pool keeps no small ones
+            and sys.getrefcount(payload) <= 3
+        ):
             self._pool.give(payload)
 
     def reply_buffer(self, length: int) -> bytearray:

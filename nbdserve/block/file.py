@@ -344,6 +344,25 @@ class FileBackend:
             self._pause_inline_writes(started)
         return True
 
+    def try_pwrite_pieces(self, pieces: Sequence[tuple[int, int]], data: Buffer) -> bool:
+        """``try_pwrite`` for data going to several places in the file: ``data`` in
+        order over the (offset, length) pieces, all inline or none written."""
+        mv = memoryview(data)
+        if mv.nbytes > INLINE_WRITE_MAX or self.direct:
+            return False
+        started = perf_counter()
+        if started < self._inline_writes_from:
+            return False
+        for offset, length in pieces:
+            self._check_host_range(offset, length, "write")
+        pos = 0
+        for offset, length in pieces:
+            self._pwrite_all(offset, mv[pos : pos + length])
+            pos += length
+        if perf_counter() - started > self.slow_inline_write:
+            self._pause_inline_writes(started)
+        return True
+
     def _pause_inline_writes(self, started: float) -> None:
         now = perf_counter()
         self._inline_writes_from = now + self.inline_pause

@@ -183,6 +183,13 @@ def first_line(argv: Sequence[str]) -> str:
     return lines[0] if lines else ""
 
 
+def _read_or_unavailable(path: str) -> str:
+    try:
+        return Path(path).read_text().strip()
+    except OSError as e:
+        return f"unavailable ({e.__class__.__name__})"
+
+
 def git_head(src: Path) -> str:
     """`git describe` of the nbdserve source, or the content of a COMMIT file beside it."""
     try:
@@ -212,7 +219,7 @@ def versions(args: argparse.Namespace) -> dict[str, Any]:
         "nbdserve_git": git_head(args.nbdserve_src),
         # the host's default for TCP connections: BBR paces sends, which
         # large reads over loopback feel (README, "Large reads")
-        "tcp_congestion": first_line(["cat", "/proc/sys/net/ipv4/tcp_congestion_control"]),
+        "tcp_congestion": _read_or_unavailable("/proc/sys/net/ipv4/tcp_congestion_control"),
     }
     try:
         with open("/proc/cpuinfo") as f:

@@ -50,7 +50,6 @@ from nbdserve.block.base import (
     ZeroCopy,
     fill_zeros,
 )
-from nbdserve.block.file import INLINE_WRITE_MAX
 from nbdserve.block.qcow2.cache import TableCache
 from nbdserve.block.qcow2.cluster import (
     ClusterMap,
@@ -749,30 +748,15 @@ class Qcow2Driver(FormatDriver):
 
     def _try_write_clusters(self, offset: int, data: Buffer) -> bool:
         """``try_write`` over several clusters: only when every one of them may be
-        overwritten in place, as ``try_write`` decides for one; nothing is written
-        otherwise.  Sequential writes of 1 MiB span 16 clusters of 64 KiB."""
+        overwritten in place (what ``_in_place_ok`` decides for one), in one
+        ``pwrite`` per stretch of the file; nothing is written otherwise.
+        Sequential writes of 1 MiB span 16 clusters of 64 KiB."""
         if self._compress is not None:
             return False  # whole clusters inside are stored compressed
-        mv = memoryview(data)
-        n = mv.nbytes
-        if n > INLINE_WRITE_MAX:
-            return False
-        cmask = self.header.cluster_size - 1
-        peek_host = self.cmap.peek_host
-        pieces: list[list[int]] = []
-        pos = 0
-        while pos < n:
-            guest = offset + pos
-            step = min(n - pos, cmask + 1 - (guest & cmask))
-            host = peek_host(guest, step)
-            if host < 0 or not self._in_place_ok(guest):
-                return False
-            if pieces and pieces[-1][0] + pieces[-1][1] == host:
-                pieces[-1][1] += step  # contiguous in the file: one pwrite
-            else:
-                pieces.append([host, step])
-            pos += step
-        return self.data_file.try_pwrite_pieces([(h, k) for h, k in pieces], mv)
+        pieces = self.cmap.peek_host_pieces(
+            offset, memoryview(data).nbytes, copied=self.data_file is self.file
+        )
+        return pieces is not None and self.data_file.try_pwrite_pieces(pieces, data)
 
     def _in_place_ok(self, offset: int) -> bool:
         """Whether the (cached, allocated) cluster at ``offset`` may be overwritten."""

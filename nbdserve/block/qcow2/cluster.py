@@ -610,12 +610,16 @@ class ClusterMap:
             return -1
         return host + in_cluster
 
-    def peek_host_pieces(self, offset: int, length: int) -> list[tuple[int, int]] | None:
+    def peek_host_pieces(
+        self, offset: int, length: int, *, copied: bool = False
+    ) -> list[tuple[int, int]] | None:
         """Where [offset, +length) lies in the data file, as (host offset, length)
         pieces in guest order, when the range is plain data, fully allocated, inside
-        one cached L2 table; None otherwise.  Host-contiguous clusters make one
-        piece, so a fragmented image costs a read per fragment, not per cluster."""
-        hosts = self._peek_data_hosts(offset, length)
+        one cached L2 table (and with ``copied``, every cluster has the COPIED flag:
+        refcount 1, so it may be overwritten in place); None otherwise.
+        Host-contiguous clusters make one piece, so a fragmented image costs a read
+        per fragment, not per cluster."""
+        hosts = self._peek_data_hosts(offset, length, copied)
         if hosts is None:
             return None
         cb = self._cluster_bits
@@ -630,9 +634,10 @@ class ClusterMap:
             pieces.append((int(hosts[i]) + lo - pos - (i << cb), hi - lo))
         return pieces
 
-    def _peek_data_hosts(self, offset: int, length: int) -> np.ndarray | None:
+    def _peek_data_hosts(self, offset: int, length: int, copied: bool) -> np.ndarray | None:
         """Host offsets of the clusters under [offset, +length) when all of them are
-        plain data, fully allocated, in one cached L2 table; None otherwise."""
+        plain data, fully allocated, in one cached L2 table (and COPIED, with
+        ``copied``); None otherwise."""
         g = self.g
         cb = g.cluster_bits
         span = g.l2_span_bits
@@ -658,6 +663,8 @@ class ClusterMap:
             if (entries & NP_ZERO).any():
                 return None
         if (entries & NP_COMPRESSED).any():
+            return None
+        if copied and not (entries & NP_COPIED).all():
             return None
         hosts: np.ndarray = (entries & NP_L2E_OFFSET_MASK).astype(np.uint64)
         if (hosts & np.uint64((1 << cb) - 1)).any():

@@ -115,8 +115,9 @@ class Bitmap:
                 return out
             b = pos >> 3
             byte = table.get(b)
-            if not pos & 7 and byte in (0, 0xFF):
-                # a stretch of whole 0x00 (or 0xFF) bytes, however long, in one step
+            if byte in (0, 0xFF):
+                # a stretch of uniform bytes, however long, in one step, from any bit
+                # of the first (a map's requests start at unaligned blocks)
                 stop = min(inside, table.next_not(b, byte_end, byte) << 3)
                 _append_run(out, pos, stop, byte == 0xFF)
                 pos = stop

@@ -25,6 +25,7 @@ from nbdserve.block.base import (
     ZeroCopy,
 )
 from nbdserve.block.extents import clip_chain_extents, merge_chain_extents
+from nbdserve.block.file import CACHE_MISSES, CacheMisses
 from nbdserve.errors import (
     InvalidRequestError,
     NotSupportedError,
@@ -130,6 +131,12 @@ class BlockDevice:
         if self._align > 1 or max_length > self._max:
             return None
         return self.top.fast_reader()
+
+    @property
+    def cache_misses(self) -> CacheMisses:
+        """Page cache misses of non-blocking reads: an ``inline_reader`` call that
+        declined while this count moved is being read in by the kernel."""
+        return CACHE_MISSES
 
     def inline_writer(self, max_length: int) -> Callable[[int, Buffer], bool] | None:
         """A function that writes up to ``max_length`` bytes without blocking

@@ -58,6 +58,12 @@ class ExportCollector(Collector):
         clients = GaugeMetricFamily(
             "nbdserve_connected_clients", "Clients attached to the export", labels=["export"]
         )
+        page_ins = CounterMetricFamily(
+            "nbdserve_page_in_reads",
+            "Reads that missed the page cache, by how they were answered: "
+            "by the event loop once their pages came in, or by a thread after waiting",
+            labels=["export", "answered_by"],
+        )
         latency = HistogramMetricFamily(
             "nbdserve_request_latency_seconds",
             "Time from reading a request to sending its reply",
@@ -74,10 +80,12 @@ class ExportCollector(Collector):
             written.add_metric([name], stats.bytes_written)
             inflight.add_metric([name], stats.inflight)
             clients.add_metric([name], stats.clients)
+            page_ins.add_metric([name, "loop"], stats.page_ins)
+            page_ins.add_metric([name, "thread"], stats.page_ins_late)
             latency.add_metric([name], _buckets(stats.latency_buckets), stats.latency_sum)
             for depth, layer in enumerate(export.chain.layers):
                 layers.add(name, f"{depth}:{layer.format_name}", layer.statistics())
-        yield from (requests, errors, read, written, inflight, clients, latency)
+        yield from (requests, errors, read, written, inflight, clients, page_ins, latency)
         yield from layers.families()
 
 

@@ -46,6 +46,7 @@ from nbdserve.server.dispatch import (
     status_extents_wanted,
 )
 from nbdserve.server.exports import META_CONTEXT_IDS, Export, ExportRegistry
+from nbdserve.server.pagein import PageIn, PageInWaits
 from nbdserve.server.stats import ExportStats
 from nbdserve.server.tls import TlsMode
 from nbdserve.server.transport import SocketTransport, StreamTransport, Transport
@@ -105,6 +106,10 @@ def _cost(req: ev.Request) -> int:
 
 def _no_zero_copy(offset: int, length: int) -> None:
     return None
+
+
+def _never_reads(offset: int, view: memoryview) -> bool:
+    return False
 
 
 def _unsent(rest: list[memoryview]) -> list[memoryview]:
@@ -184,6 +189,10 @@ class Session:
         self._last_yield = 0.0
         self._scratch: memoryview | None = None
         self._waiting = waiting if waiting is not None else WaitingClients()
+        # reads waiting in the loop for their pages (pagein.py); set up with transmission
+        self._page_ins: PageInWaits | None = None
+        self._pages_awaited: list[PageIn] = []  # the same list as _page_ins.pending
+        self._page_in_task = False
         self._header_next = False
         self.end_reason = "closed"
         self.stats = ExportStats()  # replaced by the export's once one is chosen
@@ -383,9 +392,14 @@ class Session:
             return
         view = self._receive_view()
         n = self.transport.try_receive_into(view)
-        if n is None and not (
-            self._nothing_in_flight()
-            and self._waiting.others_between_requests(self, perf_counter())
+        # (not while reads wait for their pages: the loop polls for those)
+        if (
+            n is None
+            and not self._pages_awaited
+            and not (
+                self._nothing_in_flight()
+                and self._waiting.others_between_requests(self, perf_counter())
+            )
         ):
             n = self._spin_receive(view)
         if n is None:
@@ -396,7 +410,7 @@ class Session:
         self.conn.receive_data(view[:n])
 
     def _nothing_in_flight(self) -> bool:
-        return self._slots.value == self.config.max_inflight
+        return self._slots.value == self.config.max_inflight and not self._pages_awaited
 
     async def _wait_for_request(self, view: memoryview) -> int:
         """Wait in the scheduler for the client's next request headers.
@@ -708,6 +722,9 @@ class Session:
             answered = len(out) + len(files)
             if answered:
                 stats.observe(perf_counter() - started, answered)
+            if self._pages_awaited and not self._page_in_task:
+                self._page_in_task = True
+                nursery.start_soon(self._answer_page_ins, nursery, device)
             if deferred:
                 await self._start_all(nursery, deferred, device)
             # not bound to a name: a Request kept alive here would hold its
@@ -743,6 +760,9 @@ class Session:
         zero_copy = device.zero_copy_region if plain else _no_zero_copy
         stats = self.stats
         per_command = stats.requests  # valid requests have known commands
+        misses = device.cache_misses
+        page_ins = self._page_ins = PageInWaits(reader or _never_reads)
+        self._pages_awaited = page_ins.pending
 
         def answer_inline(
             events: list[object],
@@ -779,10 +799,14 @@ class Session:
                         else:  # copied reads of 64 KiB and more: pooled buffers
                             buf = reply_buffer(hsize + n)
                             self._replies_lent = True
-                        if reader(req.offset, memoryview(buf)[hsize:]):
+                        view = memoryview(buf)[hsize:]
+                        missed = misses.count
+                        if reader(req.offset, view):
                             pack_header(buf, req.handle, req.offset, n)
                             out.append(buf)
                             continue
+                        if misses.count != missed and page_ins.take(req, buf, view, perf_counter()):
+                            continue  # its pages are on their way: _answer_page_ins
                     elif cmd == status_cmd:
                         extents = device.try_block_status(
                             req.offset, req.length, max_extents=status_extents_wanted(req)
@@ -811,6 +835,46 @@ class Session:
             return deferred
 
         return answer_inline
+
+    async def _answer_page_ins(self, nursery: trio.Nursery, device: BlockDevice) -> None:
+        """Poll the reads waiting for their pages until none is left: answer those
+        that arrived, hand those that took too long to tasks (pagein.py)."""
+        waits = self._page_ins
+        assert waits is not None
+        stats = self.stats
+        try:
+            while waits.pending:
+                await trio.lowlevel.checkpoint()  # the loop's other work goes first
+                done, late = waits.poll(perf_counter())
+                if done and not await self._send_page_ins(done):
+                    waits.pending.clear()
+                    return
+                if late:
+                    stats.page_ins_late += len(late)
+                    await self._start_all(nursery, late, device)
+        finally:
+            self._page_in_task = False
+
+    async def _send_page_ins(self, done: list[PageIn]) -> bool:
+        """Send the replies of reads whose pages came; False once the client is gone."""
+        conn = self.conn
+        now = perf_counter()
+        out: list[bytes | bytearray | memoryview] = [self._page_in_reply(w, now) for w in done]
+        self.stats.page_ins += len(done)
+        done.clear()  # the buffers go back to the pool only when nothing else holds them
+        try:
+            await self._send(out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._reader_scope.cancel()
+            return False
+        conn.recycle_replies(out)
+        return True
+
+    def _page_in_reply(self, wait: PageIn, now: float) -> bytearray:
+        req = wait.req
+        self.conn.reply_read_header_into(wait.buf, req.handle, req.offset, req.length)
+        self.stats.observe(now - wait.since)
+        return wait.buf
 
     def _log_invalid(self, event: ev.InvalidRequest) -> None:
         # the client's own mistake (past the end, bad flags): routine for the

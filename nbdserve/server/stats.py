@@ -48,6 +48,8 @@ class ExportStats:
         "latency_buckets",
         "latency_count",
         "latency_sum",
+        "page_ins",
+        "page_ins_late",
         "requests",
     )
 
@@ -61,6 +63,10 @@ class ExportStats:
         self.latency_buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self.latency_sum = 0.0
         self.latency_count = 0
+        # reads that missed the page cache and were answered by the loop once their
+        # pages came in, and those handed to a thread after waiting (server/pagein.py)
+        self.page_ins = 0
+        self.page_ins_late = 0
 
     def count(self, cmd: int, length: int = 0) -> None:
         """One request of ``cmd`` (bytes of READ and WRITE payloads counted too)."""

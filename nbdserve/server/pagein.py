@@ -50,7 +50,7 @@ class PageInWaits:
         self.trips = PAGE_IN_TRIPS
         self.pause = PAGE_IN_PAUSE
         self.limit = PAGE_IN_LIMIT
-        self.pending: list[PageIn] = []  # updated in place: the session watches it
+        self.pending: list[PageIn] = []
         self._late_in_a_row = 0
         self._paused_until = float("-inf")
 
@@ -81,7 +81,7 @@ class PageInWaits:
                 late.append(wait.req)
                 continue
             (done if ok else keep).append(wait)
-        self.pending[:] = keep
+        self.pending = keep
         self._count(len(done), len(late), now)
         return done, late
 

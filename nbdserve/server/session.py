@@ -189,9 +189,9 @@ class Session:
         self._last_yield = 0.0
         self._scratch: memoryview | None = None
         self._waiting = waiting if waiting is not None else WaitingClients()
-        # reads waiting in the loop for their pages (pagein.py); set up with transmission
-        self._page_ins: PageInWaits | None = None
-        self._pages_awaited: list[PageIn] = []  # the same list as _page_ins.pending
+        # reads waiting in the loop for their pages (pagein.py); its reader is the
+        # device's, set when transmission starts
+        self._page_ins = PageInWaits(_never_reads)
         self._page_in_task = False
         self._header_next = False
         self.end_reason = "closed"
@@ -395,7 +395,7 @@ class Session:
         # (not while reads wait for their pages: the loop polls for those)
         if (
             n is None
-            and not self._pages_awaited
+            and not self._page_ins.pending
             and not (
                 self._nothing_in_flight()
                 and self._waiting.others_between_requests(self, perf_counter())
@@ -410,7 +410,7 @@ class Session:
         self.conn.receive_data(view[:n])
 
     def _nothing_in_flight(self) -> bool:
-        return self._slots.value == self.config.max_inflight and not self._pages_awaited
+        return self._slots.value == self.config.max_inflight and not self._page_ins.pending
 
     async def _wait_for_request(self, view: memoryview) -> int:
         """Wait in the scheduler for the client's next request headers.
@@ -722,7 +722,7 @@ class Session:
             answered = len(out) + len(files)
             if answered:
                 stats.observe(perf_counter() - started, answered)
-            if self._pages_awaited and not self._page_in_task:
+            if self._page_ins.pending and not self._page_in_task:
                 self._page_in_task = True
                 nursery.start_soon(self._answer_page_ins, nursery, device)
             if deferred:
@@ -762,7 +762,6 @@ class Session:
         per_command = stats.requests  # valid requests have known commands
         misses = device.cache_misses
         page_ins = self._page_ins = PageInWaits(reader or _never_reads)
-        self._pages_awaited = page_ins.pending
 
         def answer_inline(
             events: list[object],
@@ -840,7 +839,6 @@ class Session:
         """Poll the reads waiting for their pages until none is left: answer those
         that arrived, hand those that took too long to tasks (pagein.py)."""
         waits = self._page_ins
-        assert waits is not None
         stats = self.stats
         try:
             while waits.pending:

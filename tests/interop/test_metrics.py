@@ -17,35 +17,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from nbdserve.protocol.constants import Cmd
 from tests.conftest import require_tools
 from tests.helpers.client import NbdClient
+from tests.helpers.metrics import Labels, Samples
+from tests.helpers.metrics import labels as _labels
+from tests.helpers.metrics import parse as _parse
+from tests.helpers.metrics import scrape as _scrape
+from tests.helpers.metrics import scrape_async as _scrape_async
+from tests.helpers.metrics import scrape_text as _scrape_text
 from tests.helpers.server import export, run, running_server, uri
 
 MiB = 1024 * 1024
-
-Labels = tuple[tuple[str, str], ...]
-Samples = dict[tuple[str, Labels], float]
-
-
-def _scrape_text(address: tuple[str, int]) -> str:
-    url = f"http://{address[0]}:{address[1]}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        assert response.headers["Content-Type"].startswith("text/plain")
-        return str(response.read().decode())
-
-
-def _parse(text: str) -> Samples:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return out
-
-
-def _scrape(address: tuple[str, int]) -> Samples:
-    return _parse(_scrape_text(address))
-
-
-async def _scrape_async(address: tuple[str, int]) -> Samples:
-    return await trio.to_thread.run_sync(_scrape, address)
 
 
 def _show(title: str, text: str, per_family: int = 5) -> None:
@@ -56,10 +36,6 @@ def _show(title: str, text: str, per_family: int = 5) -> None:
         for sample in family.samples[:per_family]:
             labels = ",".join(f'{k}="{v}"' for k, v in sample.labels.items())
             print(f"{sample.name}{{{labels}}} {sample.value:g}")
-
-
-def _labels(**kwargs: str) -> Labels:
-    return tuple(sorted(kwargs.items()))
 
 
 async def test_metrics_count_what_clients_did(tmp_path: Path) -> None:

@@ -12,16 +12,14 @@ from __future__ import annotations
 import os
 import random
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-import trio
-from prometheus_client.parser import text_string_to_metric_families
 
 from nbdserve.server import pagein
 from nbdserve.server.stats import ExportStats
 from tests.conftest import require_tools
+from tests.helpers.metrics import labels, scrape_async
 from tests.helpers.server import export, nbdsh_argv, run, running_server, uri
 
 pytestmark = pytest.mark.interop
@@ -94,18 +92,6 @@ def _reader_script(offsets: list[int], out: Path) -> str:
     )
 
 
-def _page_in_metrics(address: tuple[str, int]) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://{address[0]}:{address[1]}/metrics", timeout=10) as r:
-        text = r.read().decode()
-    return {
-        sample.labels["answered_by"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "nbdserve_page_in_reads"
-        for sample in family.samples
-        if sample.name == "nbdserve_page_in_reads_total"
-    }
-
-
 async def _read_evicted(tmp_path: Path, offsets: list[int]) -> tuple[ExportStats, bool]:
     """Read ``offsets`` of a freshly evicted image: the export's counters, and
     whether nbdsh got the file's bytes.  The counters' metrics must agree."""
@@ -120,8 +106,10 @@ async def _read_evicted(tmp_path: Path, offsets: list[int]) -> tuple[ExportStats
         assert exp is not None
         stats = exp.stats
         assert srv.metrics_address is not None
-        metrics = await trio.to_thread.run_sync(_page_in_metrics, srv.metrics_address)
-    assert metrics == {"loop": stats.page_ins, "thread": stats.page_ins_late}
+        metrics = await scrape_async(srv.metrics_address)
+    for answered_by, count in (("loop", stats.page_ins), ("thread", stats.page_ins_late)):
+        key = ("nbdserve_page_in_reads_total", labels(answered_by=answered_by, export="d"))
+        assert metrics[key] == count, (answered_by, metrics[key], count)
     expected = b"".join(data[off : off + BLOCK] for off in offsets)
     return stats, out.read_bytes() == expected
 
